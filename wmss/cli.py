@@ -1,0 +1,34 @@
+"""The `wmss` command. Each subcommand lives beside the code it drives: the module listed in
+COMMANDS exposes a function that adds the subcommand's flags and one that runs it (returning an exit
+code); a module is imported only when its subcommand is used, so `wmss --help` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, add-arguments function, run function, one-line help)
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "tiny-model": ("wmss.models", "add_tiny_model_arguments", "run_tiny_model",
+                   "write a tiny offline Qwen3-architecture model + tokenizer"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:  # plain `wmss` runs the embedded demo once the workflow exists
+        argv = ["run"] if "run" in COMMANDS else ["--help"]
+    parser = argparse.ArgumentParser(prog="wmss")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, add_fn, _run_fn, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if argv[:1] == [name]:
+            getattr(importlib.import_module(module), add_fn)(p)
+    args = parser.parse_args(argv)
+    module, _add_fn, run_fn, _help = COMMANDS[args.command]
+    return int(getattr(importlib.import_module(module), run_fn)(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
