@@ -1,0 +1,99 @@
+"""wmss.synthetic: the generated arithmetic demo task."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from wmss.synthetic import SYSTEM_PROMPT, corpus_lines, make_problems, make_splits, training_rows
+
+# question phrasing -> operation, written independently of the generator's tables
+_QUESTION_OPS = [(r"(?:buys|finds|gives \w+) (\d+) more", "+"), (r"(?:gives away|loses|sells) (\d+)", "-"),
+                 (r"(\d+) times as many|grows (\d+)-fold", "*"), (r"into (\d+) equal groups", "/")]
+_STEP = re.compile(r"^After [^:]+: (\d+) ([-+*/]) (\d+) = (\d+)\.$")
+
+
+def _answer_from_question(question: str) -> int:
+    """Solve a generated question from its text alone."""
+    sentences = re.split(r"(?<=[.?]) ", question)
+    value = int(re.fullmatch(r"\w+ has (\d+) [\w ]+\.", sentences[0]).group(1))
+    for sentence in sentences[1:-1]:
+        [(operand, op)] = [(next(g for g in m.groups() if g), op) for pattern, op in _QUESTION_OPS
+                           if (m := re.search(pattern, sentence))]
+        k = int(operand)
+        if op == "/":
+            assert value % k == 0, question
+        value = {"+": value + k, "-": value - k, "*": value * k, "/": value // k}[op]
+        assert 1 <= value <= 999, question
+    assert sentences[-1].startswith("How many"), question
+    return value
+
+
+def test_problems_are_deterministic_by_seed_and_prefix_stable():
+    first = make_problems(60, seed=7)
+    assert make_problems(60, seed=7) == first
+    assert make_problems(20, seed=7) == first[:20]
+    assert [p["id"] for p in first] == [f"arith-7-{i}" for i in range(60)]
+    other = make_problems(60, seed=8)
+    assert sum(a["question"] == b["question"] for a, b in zip(first, other)) < 3
+
+
+def test_every_solution_ends_with_the_boxed_answer_and_the_answer_is_right():
+    problems = make_problems(300, seed=0)
+    for p in problems:
+        answer = _answer_from_question(p["question"])
+        assert p["answer"] == str(answer)
+        assert p["solution"].endswith(f"\\boxed{{{answer}}}")
+        lines = p["solution"].split("\n")
+        steps = [m for line in lines if (m := _STEP.match(line))]
+        assert 2 <= len(steps) <= 4
+        value = int(re.search(r"starts with (\d+)", lines[0]).group(1))
+        for a, op, k, result in (m.groups() for m in steps):  # every worked step is correct and chained
+            assert int(a) == value
+            value = {"+": value + int(k), "-": value - int(k), "*": value * int(k), "/": value // int(k)}[op]
+            assert int(result) == value and (op != "/" or int(a) % int(k) == 0)
+        assert value == answer
+    assert {op for p in problems for op in re.findall(r" ([-+*/]) \d+ =", p["solution"])} == set("+-*/")
+
+
+def test_step_counts_follow_the_arguments():
+    for p in make_problems(50, seed=1, min_steps=1, max_steps=1):
+        assert p["solution"].count(" = ") == 1
+    with pytest.raises(ValueError, match="min_steps <= max_steps"):
+        make_problems(1, seed=0, min_steps=3, max_steps=2)
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        make_problems(-1, seed=0)
+
+
+def test_splits_are_disjoint_deterministic_and_the_held_out_split_is_stable():
+    train, held_out = make_splits(500, 100, seed=3)
+    assert (len(train), len(held_out)) == (500, 100)
+    assert not {p["question"] for p in train} & {p["question"] for p in held_out}
+    assert len({p["question"] for p in train + held_out}) == 600
+    assert len({p["id"] for p in train + held_out}) == 600
+    assert make_splits(500, 100, seed=3) == (train, held_out)
+    assert make_splits(50, 100, seed=3)[1] == held_out
+    assert make_splits(500, 100, seed=4)[1] != held_out
+    with pytest.raises(ValueError, match="sizes must be >= 0"):
+        make_splits(-1, 1, seed=0)
+
+
+def test_training_rows_are_chat_records_with_the_eval_system_prompt():
+    problems = make_problems(3, seed=0)
+    rows = training_rows(problems)
+    assert "\\boxed{}" in SYSTEM_PROMPT and "step by step" in SYSTEM_PROMPT
+    for row, p in zip(rows, problems):
+        assert row == {"id": p["id"], "messages": [{"role": "system", "content": SYSTEM_PROMPT},
+                                                   {"role": "user", "content": p["question"]},
+                                                   {"role": "assistant", "content": p["solution"]}]}
+
+
+def test_corpus_is_deterministic_single_line_and_does_not_replay_the_splits():
+    lines = corpus_lines(2000, seed=0)
+    assert lines == corpus_lines(2000, seed=0) and lines != corpus_lines(2000, seed=1)
+    assert len(lines) == 2000 and all(line and "\n" not in line for line in lines)
+    assert sum("\\boxed{" in line for line in lines) == 1000  # half problems, half arithmetic prose
+    train, held_out = make_splits(200, 200, seed=0)
+    text = "\n".join(lines)
+    assert not [p for p in train + held_out if p["question"] in text]
