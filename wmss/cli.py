@@ -12,6 +12,10 @@ import sys
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "tiny-model": ("wmss.models", "add_tiny_model_arguments", "run_tiny_model",
                    "write a tiny offline Qwen3-architecture model + tokenizer"),
+    "sft": ("wmss.training", "add_sft_arguments", "run_sft",
+            "supervised fine-tuning on Ray Train + DeepSpeed (Phase 1, and the SFT/NEFTune/UNDIAL baselines)"),
+    "jtws": ("wmss.training", "add_jtws_arguments", "run_jtws",
+             "joint training of weak and strong on mixed logits (Phase 3); keeps the strong model"),
     "submit": ("wmss.submit", "add_submit_arguments", "run_submit",
                "run the workflow as a Ray job on a cluster (same arguments as `wmss run`)"),
     "jobs": ("wmss.submit", "add_jobs_arguments", "run_jobs",
