@@ -285,16 +285,17 @@ def _follow(client, submission_id: str, run: str) -> int:
             print(chunk, end="", flush=True)
 
     try:
-        asyncio.run(print_logs())
+        try:
+            asyncio.run(print_logs())
+        except RuntimeError as e:  # the log stream dropped; the job itself may still be fine
+            print(f"wmss: log stream of {submission_id} ended early ({e}); waiting for the job to end",
+                  file=sys.stderr)
+        while not (status := client.get_job_status(submission_id)).is_terminal():
+            time.sleep(2)  # the log stream closes a moment before the status turns final
     except KeyboardInterrupt:
         print(f"\ndetached: {submission_id} keeps running (`wmss jobs logs {run} --follow` to re-attach, "
               f"`wmss jobs stop {run}` to stop it)", file=sys.stderr)
         return 130
-    except RuntimeError as e:  # the log stream dropped; the job itself may still be fine
-        print(f"wmss: log stream of {submission_id} ended early ({e}); waiting for the job to end",
-              file=sys.stderr)
-    while not (status := client.get_job_status(submission_id)).is_terminal():
-        time.sleep(2)  # the log stream closes a moment before the status turns final
     reason = _reason(client.get_job_info(submission_id).message) if status != JobStatus.SUCCEEDED else ""
     print(f"{run}: {status}" + (f" ({reason})" if reason else ""), flush=True)
     return 0 if status == JobStatus.SUCCEEDED else 1
