@@ -1,0 +1,393 @@
+"""MLflow tracking for the workflow: one parent run per workflow run directory, a nested run per stage,
+the plots that explain a WMSS run, and `wmss compare` (methods x benchmarks from MLflow).
+
+Runs are addressed by id through `MlflowClient`, never through MLflow's global active-run stack, so the
+driver and Ray Train workers (which get `StageRun.worker_info()`) can log to the same run side by side.
+
+Tag conventions (the workflow sets them): parent `wmss.git_sha`, `wmss.data_hash`, `wmss.run_dir`; every
+stage run `wmss.stage`; eval stage runs `wmss.method` (sft, wmss, neftune, ...) with metrics
+`eval/<benchmark>/<metric>`, which is what `compare_table` reads."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+from matplotlib.figure import Figure
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+METHOD_TAG = "wmss.method"
+STAGE_TAG = "wmss.stage"
+SQLITE_PREFIX = "sqlite:///"
+
+
+# ------------------------------------------------------------------------------------------ where to log
+
+
+def resolve_tracking_uri(configured: str | None, run_dir: str | os.PathLike) -> str:
+    """The tracking URI to use: `configured` (the config's mlflow.tracking_uri), else the
+    MLFLOW_TRACKING_URI environment variable, else `sqlite:///<absolute run_dir>/mlflow.db`.
+
+    A relative SQLite path is made absolute (against the current directory), so Ray workers, which run
+    elsewhere, reach the same database. A file store (`./mlruns`, `file:...`) raises ValueError naming
+    where the URI came from: MLflow 3.17 refuses it."""
+    for source, uri in (("mlflow.tracking_uri in the config", configured),
+                        ("the MLFLOW_TRACKING_URI environment variable", os.environ.get("MLFLOW_TRACKING_URI"))):
+        if not uri:
+            continue
+        scheme = urlparse(uri).scheme
+        if scheme in ("", "file") or len(scheme) == 1:  # a bare path (one letter: a Windows drive) is a file store
+            raise ValueError(f"{source} is {uri!r}, an MLflow file store, which MLflow 3.17 refuses; use a "
+                             f"database such as sqlite:///{Path(run_dir).resolve() / 'mlflow.db'} or a tracking "
+                             "server such as http://127.0.0.1:5000")
+        db = _sqlite_path(uri)
+        return f"{SQLITE_PREFIX}{db.resolve()}" if db is not None else uri
+    return f"{SQLITE_PREFIX}{Path(run_dir).resolve() / 'mlflow.db'}"
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (relative or absolute), None for other stores."""
+    if not uri.startswith(SQLITE_PREFIX):
+        return None
+    return Path(uri[len(SQLITE_PREFIX):])
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+
+class StageRun:
+    """One MLflow run addressed by its id: a workflow stage (or, inside `Tracker`, the parent run)."""
+
+    def __init__(self, client: MlflowClient, tracking_uri: str, run_id: str):
+        self.client, self.tracking_uri, self.run_id = client, tracking_uri, run_id
+
+    def worker_info(self) -> dict:
+        """What a Ray Train worker needs to log to this run with its own MlflowClient (plain data)."""
+        return {"tracking_uri": self.tracking_uri, "run_id": self.run_id}
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log every metric at `step` (0 when None) in one batch."""
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(key, float(value), now, step or 0)
+                                                    for key, value in metrics.items()])
+
+    def log_params(self, params: Mapping[str, object]) -> None:
+        """Log params in batches; each value is str()-ed and cut to MLflow's limit (6000 characters) — the
+        full values belong in an artifact (the resolved config). Raises MlflowException when a param
+        already logged to this run had another value."""
+        self.client.log_batch(self.run_id, params=[Param(key, str(value)[:MAX_PARAM_VAL_LENGTH])
+                                                   for key, value in params.items()])
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Copy the file `path` into the run's artifacts (under `artifact_path`, when given)."""
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_figure(self, fig: Figure, name: str) -> None:
+        """Save `fig` as the PNG artifact `plots/<name>` (".png" added when `name` has no suffix)."""
+        self.client.log_figure(self.run_id, fig, f"plots/{name}" if Path(name).suffix else f"plots/{name}.png")
+
+
+class Tracker:
+    """One workflow's MLflow parent run (resumable) and its nested stage runs."""
+
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str, parent_run_id: str | None = None,
+                 tags: dict[str, str] | None = None):
+        """Open the parent run `run_name` in `experiment` (created when missing), or resume the run
+        `parent_run_id` (a rerun of the same run directory: status back to RUNNING, `tags` updated).
+
+        With a SQLite store, the database's folder is created and a new experiment keeps its artifacts in
+        `mlartifacts/` beside the database (MLflow's default would be ./mlruns under the current
+        directory). Resuming a run that does not exist, or belongs to another experiment, raises ValueError."""
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        db = _sqlite_path(tracking_uri)
+        if db is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is not None:
+            self.experiment_id = found.experiment_id
+        else:
+            artifacts = (db.parent.resolve() / "mlartifacts").as_uri() if db is not None else None
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts)
+        if parent_run_id is None:
+            self.parent_run_id = self.client.create_run(self.experiment_id, run_name=run_name,
+                                                        tags=tags or {}).info.run_id
+        else:
+            run = _existing_run(self.client, tracking_uri, parent_run_id)
+            if run.info.experiment_id != self.experiment_id:
+                raise ValueError(f"cannot resume MLflow run {parent_run_id} in experiment {experiment!r}: it "
+                                 f"belongs to experiment id {run.info.experiment_id} at {tracking_uri}; keep the "
+                                 "experiment name of the run directory's first run")
+            self.parent_run_id = parent_run_id
+            self.client.update_run(parent_run_id, status="RUNNING")
+            self.client.log_batch(parent_run_id, tags=[RunTag(k, v) for k, v in (tags or {}).items()])
+        self._parent = StageRun(self.client, tracking_uri, self.parent_run_id)
+
+    def log_params(self, flat: Mapping[str, object]) -> None:
+        """Log params to the parent run (see `StageRun.log_params`)."""
+        self._parent.log_params(flat)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log metrics to the parent run at `step` (0 when None)."""
+        self._parent.log_metrics(metrics, step)
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Copy the file `path` into the parent run's artifacts."""
+        self._parent.log_artifact(path, artifact_path)
+
+    @contextlib.contextmanager
+    def stage(self, name: str, run_id: str | None = None, tags: dict[str, str] | None = None) -> Iterator[StageRun]:
+        """A nested run `name` (tagged `wmss.stage`, plus `tags`, e.g. `wmss.method` on eval stages) under
+        the parent, or the nested run `run_id` resumed (its `tags` updated). It ends FINISHED when the
+        block completes, KILLED on Ctrl-C and FAILED on any other exception (which propagates). Resuming a
+        run that is not this parent's stage `name` raises ValueError."""
+        if run_id is None:
+            run_id = self.client.create_run(self.experiment_id, run_name=name, tags={
+                **(tags or {}), MLFLOW_PARENT_RUN_ID: self.parent_run_id, STAGE_TAG: name}).info.run_id
+        else:
+            found = _existing_run(self.client, self.tracking_uri, run_id).data.tags
+            if found.get(MLFLOW_PARENT_RUN_ID) != self.parent_run_id or found.get(STAGE_TAG) != name:
+                raise ValueError(f"cannot resume MLflow run {run_id} as stage {name!r} of run {self.parent_run_id}: "
+                                 f"it is stage {found.get(STAGE_TAG)!r} of run {found.get(MLFLOW_PARENT_RUN_ID)}")
+            self.client.update_run(run_id, status="RUNNING")
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in (tags or {}).items()])
+        try:
+            yield StageRun(self.client, self.tracking_uri, run_id)
+        except KeyboardInterrupt:
+            self.client.set_terminated(run_id, "KILLED")
+            raise
+        except BaseException:
+            self.client.set_terminated(run_id, "FAILED")
+            raise
+        self.client.set_terminated(run_id, "FINISHED")
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the parent run with `status` (FINISHED, FAILED or KILLED)."""
+        self.client.set_terminated(self.parent_run_id, status)
+
+
+def _existing_run(client: MlflowClient, tracking_uri: str, run_id: str):
+    """The run `run_id` to resume; ValueError when the store has no such live run."""
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as e:
+        raise ValueError(f"cannot resume MLflow run {run_id}: not found at {tracking_uri} ({e.message}); was the "
+                         "tracking URI changed since the run directory's first run?") from e
+    if run.info.lifecycle_stage == "deleted":
+        raise ValueError(f"cannot resume MLflow run {run_id} at {tracking_uri}: it was deleted; restore it "
+                         f"(`mlflow runs restore --run-id {run_id}`) or start a new run directory")
+    return run
+
+
+# ------------------------------------------------------------------------------------------ provenance
+
+
+def flatten(config: Mapping, prefix: str = "") -> dict[str, object]:
+    """Nested mappings to dotted keys: {"a": {"b": 1}} -> {"a.b": 1}. Non-mapping values (lists, None)
+    are kept as they are, and an empty mapping stays a value, so no key disappears."""
+    flat: dict[str, object] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def git_sha(repo_dir: str | os.PathLike | None = None) -> str | None:
+    """The commit checked out in `repo_dir` (default: the checkout this package runs from); None when it is
+    not inside a git work tree or git is not installed. A missing `repo_dir` raises NotADirectoryError."""
+    where = Path(repo_dir) if repo_dir is not None else Path(__file__).resolve().parent
+    if not where.is_dir():
+        raise NotADirectoryError(f"git_sha: {where} is not a directory")
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:  # no git on this machine
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 hex digest of a file, read in chunks. For a directory: the SHA-256 of its files' sorted
+    (relative POSIX path, file digest) pairs, so it changes when any file's content or name changes."""
+    path = Path(path)
+    if path.is_file():
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        return digest.hexdigest()
+    if not path.is_dir():
+        raise FileNotFoundError(f"file_sha256: {path} does not exist")
+    files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for rel in files:
+        digest.update(f"{rel}\0{file_sha256(path / rel)}\n".encode())
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ plots
+
+
+def entropy_scatter(entropy_weak, entropy_strong, selected_mask) -> Figure:
+    """Per-sample entropy of the weak (x) vs the strong model (y), the samples in the active set marked,
+    with the line y = x (above it the strong model got less sure: "regression repair"; below it
+    "consolidation")."""
+    weak, strong = np.asarray(entropy_weak, dtype=float), np.asarray(entropy_strong, dtype=float)
+    selected = np.asarray(selected_mask, dtype=bool)
+    if not (weak.ndim == strong.ndim == selected.ndim == 1 and len(weak) == len(strong) == len(selected)):
+        raise ValueError(f"entropy_scatter needs three 1-D arrays of one length, got shapes {weak.shape}, "
+                         f"{strong.shape}, {selected.shape}")
+    fig = Figure(figsize=(5.5, 5), layout="constrained")
+    ax = fig.subplots()
+    ax.scatter(weak[~selected], strong[~selected], s=6, c="0.7", label=f"not drawn ({int((~selected).sum())})")
+    ax.scatter(weak[selected], strong[selected], s=8, c="tab:red", label=f"in the active set ({int(selected.sum())})")
+    ends = [min(weak.min(), strong.min()), max(weak.max(), strong.max())] if len(weak) else [0, 1]
+    ax.plot(ends, ends, ls="--", c="k", lw=1, label="y = x")
+    ax.set(xlabel="entropy, weak model (nats/token)", ylabel="entropy, strong model (nats/token)",
+           title="per-sample entropy: weak vs strong")
+    ax.legend(loc="upper left", fontsize="small")
+    return fig
+
+
+def weight_histogram(weights) -> Figure:
+    """Histogram of the CEDA sampling weights, with the uniform weight 1/|D| marked."""
+    weights = np.asarray(weights, dtype=float)
+    if weights.ndim != 1 or not len(weights):
+        raise ValueError(f"weight_histogram needs a non-empty 1-D array, got shape {weights.shape}")
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    ax.hist(weights, bins=min(50, max(10, len(weights) // 20)), color="tab:blue")
+    ax.axvline(1 / len(weights), ls="--", c="k", lw=1, label="uniform 1/|D|")
+    ax.set(xlabel="sampling weight p_i", ylabel="samples", title=f"CEDA sampling weights (|D| = {len(weights)})")
+    ax.legend(fontsize="small")
+    return fig
+
+
+# panel title -> the history keys drawn in it; the non-target masses share a panel because their gap is the
+# point of mixing (the mix keeps more mass on the negatives than the strong model alone)
+TRAINING_PANELS = {"loss": ("loss",), "learning rate": ("lr",), "strong margin z[y] - mean z[k]": ("margin_strong",),
+                   "non-target mass 1 - p(y)": ("nontarget_mass_strong", "nontarget_mass_mix")}
+
+
+def training_curves(history: Mapping[str, list[tuple[int, float]]]) -> Figure:
+    """One panel per quantity of TRAINING_PANELS present in `history` ({key: [(step, value), ...]}, keys
+    without the "train/" prefix, as `metric_history` returns them), stacked over a shared step axis.
+    ValueError when none is present."""
+    panels = {title: [k for k in keys if history.get(k)] for title, keys in TRAINING_PANELS.items()}
+    panels = {title: keys for title, keys in panels.items() if keys}
+    if not panels:
+        raise ValueError(f"training_curves: none of {[k for keys in TRAINING_PANELS.values() for k in keys]} in "
+                         f"the history (it has {sorted(history)})")
+    fig = Figure(figsize=(7, 2.2 * len(panels)), layout="constrained")
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (title, keys) in zip(axes, panels.items()):
+        for key in keys:
+            steps, values = zip(*history[key])
+            ax.plot(steps, values, label=key)
+        ax.set_title(title, fontsize="medium")
+        if len(keys) > 1:
+            ax.legend(fontsize="small")
+    axes[-1].set_xlabel("step")
+    return fig
+
+
+def metric_history(tracking_uri: str, run_id: str, prefix: str = "train/") -> dict[str, list[tuple[int, float]]]:
+    """Every metric of the run whose name starts with `prefix`, as {name without prefix: [(step, value)]}
+    sorted by step. A step logged more than once (a resumed stage repeats the steps after its last
+    checkpoint) keeps its newest value."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    history = {}
+    for key in sorted(k for k in client.get_run(run_id).data.metrics if k.startswith(prefix)):
+        newest = {}
+        for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp)):
+            newest[m.step] = m.value
+        history[key[len(prefix):]] = sorted(newest.items())
+    return history
+
+
+# ------------------------------------------------------------------------------------------ wmss compare
+
+
+def compare_table(tracking_uri: str, experiment: str | None = None) -> str:
+    """Methods x metrics as aligned plain text: one row per run tagged `wmss.method`, labelled by its
+    workflow (the parent run's name) and method, ordered by workflow start; one column per `eval/*`
+    metric, the per-benchmark accuracies first. `experiment` None reads every experiment. An experiment
+    with no such runs gives a message saying so; an unknown experiment raises LookupError."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    if experiment is None:
+        experiments, where = client.search_experiments(), "any experiment"
+    else:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            names = sorted(e.name for e in client.search_experiments())
+            raise LookupError(f"no MLflow experiment {experiment!r} at {tracking_uri}; it has {names}")
+        experiments, where = [found], f"experiment {experiment!r}"
+    runs, token = [], None
+    while True:  # search_runs pages at 1000 runs
+        page = client.search_runs([e.experiment_id for e in experiments], f"tags.`{METHOD_TAG}` != ''",
+                                  page_token=token)
+        runs += page
+        token = page.token
+        if not token:
+            break
+    if not runs:
+        return (f"no evaluated runs (tag {METHOD_TAG}) in {where} at {tracking_uri}; a workflow's eval stages "
+                "add them when they finish")
+
+    parents = {}
+    for pid in {r.data.tags.get(MLFLOW_PARENT_RUN_ID) for r in runs} - {None}:
+        parents[pid] = client.get_run(pid).info
+
+    def workflow(run):  # a run without a parent stands for itself
+        return parents.get(run.data.tags.get(MLFLOW_PARENT_RUN_ID), run.info)
+    runs.sort(key=lambda r: (workflow(r).start_time, workflow(r).run_id, r.data.tags[METHOD_TAG], r.info.start_time))
+
+    keys = sorted({k for r in runs for k in r.data.metrics if k.startswith("eval/")},
+                  key=lambda k: (not k.endswith("/accuracy"), k))
+    header = ["workflow", "method"] + [k.removeprefix("eval/").removesuffix("/accuracy") for k in keys]
+    rows = [[workflow(r).run_name, r.data.tags[METHOD_TAG]]
+            + [_format_number(r.data.metrics[k]) if k in r.data.metrics else "-" for k in keys] for r in runs]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in [header, *rows]]
+    note = "columns: eval/<benchmark>/accuracy as <benchmark>, other eval metrics as <benchmark>/<metric>"
+    return "\n".join([*lines, "", note])
+
+
+def _format_number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:.4f}"
+
+
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--experiment", help="MLflow experiment name (default: every experiment)")
+    parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else sqlite:///<run-dir>/mlflow.db")
+    parser.add_argument("--run-dir", default=".", help="a workflow run directory (default: the current one)")
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    try:
+        uri = resolve_tracking_uri(args.tracking_uri, args.run_dir)
+        db = _sqlite_path(uri)
+        if db is not None and not db.is_file():  # MLflow would create an empty database there
+            raise LookupError(f"no MLflow database at {db}; pass --run-dir of a workflow run, --tracking-uri, or "
+                              "set MLFLOW_TRACKING_URI")
+        print(compare_table(uri, args.experiment))
+    except (ValueError, LookupError) as e:
+        print(f"wmss compare: {e}", file=sys.stderr)
+        return 2
+    return 0
