@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
             "supervised fine-tuning on Ray Train + DeepSpeed (Phase 1, and the SFT/NEFTune/UNDIAL baselines)"),
     "jtws": ("wmss.training", "add_jtws_arguments", "run_jtws",
              "joint training of weak and strong on mixed logits (Phase 3); keeps the strong model"),
+    "eval": ("wmss.evaluation.cli", "add_eval_arguments", "run_eval",
+             "evaluate a model on math/code benchmarks (paper protocol), on Ray Data with vLLM or HF"),
     "submit": ("wmss.submit", "add_submit_arguments", "run_submit",
                "run the workflow as a Ray job on a cluster (same arguments as `wmss run`)"),
     "jobs": ("wmss.submit", "add_jobs_arguments", "run_jobs",

@@ -1,0 +1,199 @@
+"""`evaluate`: prompts for every problem of the chosen benchmarks, responses from a Ray Data generation
+job, grades, per-sample predictions and per-benchmark summaries, logged to MLflow.
+
+Output folder:
+  predictions/<benchmark>.jsonl  one line per sample: id, sample, prompt, response, extracted, gold,
+                                 correct, truncated, response_tokens
+  summary.json                   {"settings": ..., "benchmarks": {name: summary}}
+  mlflow.db                      only when no MLflow run is given or active and MLFLOW_TRACKING_URI is unset
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+from wmss.evaluation.benchmarks import (BENCHMARKS, Problem, default_max_new_tokens, load_benchmark,
+                                        problem_record, problems_from_rows)
+from wmss.evaluation.generation import BACKENDS, GenerationRequest, finish_response, generate, stop_token_ids
+from wmss.evaluation.grading import grade
+from wmss.io import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+SEED = 42  # the paper's decoding seed; sample s of a problem uses SEED + s
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k estimate from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)
+    (Chen et al., 2021), computed as a product so large n does not overflow."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def summarize(predictions: list[dict], samples: int) -> dict:
+    """Accuracy (mean over all samples), pass@1 and pass@`samples` (unbiased, averaged over problems),
+    truncation rate and mean response length in tokens of one benchmark's predictions."""
+    by_problem: dict[str, list[bool]] = {}
+    for p in predictions:
+        by_problem.setdefault(p["id"], []).append(p["correct"])
+    summary = {
+        "n_problems": len(by_problem),
+        "samples_per_problem": samples,
+        "accuracy": sum(p["correct"] for p in predictions) / len(predictions),
+        "truncation_rate": sum(p["truncated"] for p in predictions) / len(predictions),
+        "mean_response_tokens": sum(p["response_tokens"] for p in predictions) / len(predictions),
+    }
+    for k in sorted({1, samples}):
+        summary[f"pass_at_{k}"] = sum(pass_at_k(len(c), sum(c), k) for c in by_problem.values()) / len(by_problem)
+    return summary
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _log_to_mlflow(summaries: dict[str, dict], settings: dict, out_dir: Path, mlflow_run=None) -> None:
+    """Metrics `eval/<benchmark>/<name>` (what `wmss compare` reads) to `mlflow_run` (a
+    `wmss.tracking.StageRun`) if given, else to the active MLflow run if there is one, else to a new run
+    (with the settings as params) in experiment "wmss eval" of the store `wmss.tracking` resolves
+    (MLFLOW_TRACKING_URI, default a SQLite file in `out_dir`)."""
+    import mlflow
+
+    from wmss.tracking import Tracker, resolve_tracking_uri
+
+    metrics = {f"eval/{name}/{key}": float(value) for name, summary in summaries.items()
+               for key, value in summary.items()}
+    if mlflow_run is not None:
+        mlflow_run.log_metrics(metrics)
+    elif mlflow.active_run() is not None:
+        mlflow.log_metrics(metrics)
+    else:
+        tracker = Tracker(resolve_tracking_uri(None, out_dir), "wmss eval", f"eval {Path(settings['model']).name}")
+        tracker.log_params(settings)
+        tracker.log_metrics(metrics)
+        tracker.finish()
+
+
+def _request_key(benchmark: str, problem_id: str, sample: int) -> str:
+    return json.dumps([benchmark, problem_id, sample])
+
+
+def _load_problems(benchmarks: list[str], data_dir, limit: int | None,
+                   extra_benchmarks: dict[str, list[dict]] | None) -> dict[str, list[Problem]]:
+    extra = extra_benchmarks or {}
+    clash = sorted(set(extra) & set(BENCHMARKS))
+    if clash:
+        raise ValueError(f"extra benchmarks {clash} would shadow built-in benchmarks; rename them")
+    unknown = [name for name in benchmarks if name not in BENCHMARKS and name not in extra]
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}"
+                         + (f"; extra: {', '.join(extra)}" if extra else ""))
+    names = list(dict.fromkeys([*benchmarks, *extra]))  # given order, extras last, no repeats
+    problems = {}
+    for name in names:
+        if name in extra:
+            rows = ((f"row {i}", row) for i, row in enumerate(extra[name]))
+            problems[name] = problems_from_rows(rows, f"extra benchmark {name!r}", name)[:limit]
+            if not problems[name]:
+                raise ValueError(f"extra benchmark {name!r} has no rows")
+        else:
+            problems[name] = load_benchmark(name, data_dir, limit)
+    return problems
+
+
+def evaluate(model_dir, benchmarks: list[str], out_dir, *, data_dir=None, limit=None, backend="hf", samples=1,
+             temperature=0.0, max_new_tokens=None, extra_benchmarks: dict[str, list[dict]] | None = None,
+             ray_address=None, enable_thinking: bool | None = None, mlflow_run=None) -> dict[str, dict]:
+    """Generate `samples` responses per problem of each benchmark (and of each `extra_benchmarks` entry:
+    rows with question/instruction + answer, graded as math) with `backend`, grade them, write
+    predictions and summary.json to `out_dir`, log the metrics to MLflow, and return the summary per
+    benchmark (see `summarize`).
+
+    Decoding follows the paper: greedy at temperature 0 (top-p 1, seed 42), the benchmark's budget of new
+    tokens unless `max_new_tokens` overrides it (capped by the model's context), the chat template with
+    the benchmark kind's system prompt; `enable_thinking` switches Qwen3's thinking mode (None: the
+    template's default). Uses the connected Ray cluster, else connects to `ray_address` (None: a new local
+    one, shut down again at the end). Metrics go to `mlflow_run` (the workflow's eval stage, a
+    `wmss.tracking.StageRun`), else to the active MLflow run, else to a new run (`_log_to_mlflow`)."""
+    import ray
+    from transformers import AutoConfig
+
+    from wmss.data import format_example
+    from wmss.models import load_tokenizer
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if samples > 1 and temperature == 0:
+        raise ValueError(f"samples={samples} with temperature 0 gives {samples} identical greedy responses; "
+                         "set a temperature > 0 for pass@k")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    out_dir = Path(out_dir)
+    problems = _load_problems(list(benchmarks), data_dir, limit, extra_benchmarks)
+    tokenizer = load_tokenizer(model_dir)
+    context = AutoConfig.from_pretrained(str(model_dir)).max_position_embeddings
+    stop_ids = stop_token_ids(model_dir, tokenizer)
+
+    requests, prompts = [], {}
+    for name, bench_problems in problems.items():
+        budget = max_new_tokens or default_max_new_tokens(name)
+        for problem in bench_problems:
+            prompt_ids = format_example(problem_record(name, problem), tokenizer,
+                                        enable_thinking=enable_thinking).input_ids
+            if len(prompt_ids) >= context:
+                raise ValueError(f"benchmark {name!r}, problem {problem.id!r}: the prompt has {len(prompt_ids)} "
+                                 f"tokens, the model's whole context is {context}")
+            prompts[(name, problem.id)] = prompt_ids
+            for sample in range(samples):
+                requests.append(GenerationRequest(_request_key(name, problem.id, sample), prompt_ids,
+                                                  min(budget, context - len(prompt_ids)), SEED + sample))
+    max_model_len = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
+
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(address=ray_address, include_dashboard=False)
+    try:
+        generated = generate(model_dir, requests, backend=backend, temperature=temperature, stop_ids=stop_ids,
+                             max_model_len=max_model_len)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+    budgets = {r.key: r.max_new_tokens for r in requests}
+    summaries = {}
+    for name, bench_problems in problems.items():
+        predictions = []
+        for problem in bench_problems:
+            prompt = tokenizer.decode(prompts[(name, problem.id)])
+            for sample in range(samples):
+                key = _request_key(name, problem.id, sample)
+                response_ids, truncated = finish_response(generated[key], stop_ids, budgets[key])
+                response = tokenizer.decode(response_ids, skip_special_tokens=True)
+                result = grade(response, problem.answer, name)
+                predictions.append({
+                    "id": problem.id, "sample": sample, "prompt": prompt, "response": response,
+                    "extracted": result.extracted, "gold": problem.answer, "correct": result.correct,
+                    "truncated": truncated, "response_tokens": len(response_ids)})
+        _write_jsonl(out_dir / "predictions" / f"{name}.jsonl", predictions)
+        summaries[name] = summarize(predictions, samples)
+        log.info("%s: %s", name, summaries[name])
+
+    settings = {"model": str(model_dir), "backend": backend, "samples": samples, "temperature": temperature,
+                "max_new_tokens": max_new_tokens, "limit": limit, "enable_thinking": enable_thinking,
+                "data_dir": None if data_dir is None else str(data_dir)}
+    write_json(out_dir / "summary.json", {"settings": settings, "benchmarks": summaries})
+    _log_to_mlflow(summaries, settings, out_dir, mlflow_run)
+    return summaries
