@@ -10,12 +10,19 @@ import sys
 
 # subcommand -> (module, add-arguments function, run function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "run": ("workflows.wmss_pipeline", "add_run_arguments", "run_cli",
+            "run (or resume) the whole WMSS workflow; with no config, the offline demo"),
+    "config": ("wmss.config", "add_config_arguments", "run_config_cli", "print the resolved config"),
     "tiny-model": ("wmss.models", "add_tiny_model_arguments", "run_tiny_model",
                    "write a tiny offline Qwen3-architecture model + tokenizer"),
     "sft": ("wmss.training", "add_sft_arguments", "run_sft",
             "supervised fine-tuning on Ray Train + DeepSpeed (Phase 1, and the SFT/NEFTune/UNDIAL baselines)"),
     "jtws": ("wmss.training", "add_jtws_arguments", "run_jtws",
              "joint training of weak and strong on mixed logits (Phase 3); keeps the strong model"),
+    "score": ("wmss.scoring", "add_score_arguments", "run_score",
+              "entropy of every sample under the weak and strong models, on Ray Data (Phase 2a)"),
+    "select": ("wmss.selection", "add_select_arguments", "run_select",
+               "draw the CEDA active set from the entropy scores (Phase 2b)"),
     "eval": ("wmss.evaluation.cli", "add_eval_arguments", "run_eval",
              "evaluate a model on math/code benchmarks (paper protocol), on Ray Data with vLLM or HF"),
     "submit": ("wmss.submit", "add_submit_arguments", "run_submit",

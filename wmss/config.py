@@ -4,9 +4,15 @@ Errors name the key, the bad value and what is allowed (see `format_validation_e
 
 from __future__ import annotations
 
-from typing import Literal
+import os
+from pathlib import Path
+from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"
 
 
 class _Strict(BaseModel):
@@ -25,7 +31,7 @@ class TrainingConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = Field(1.0, ge=0)
-    max_length: int = Field(4096, ge=2)
+    max_length: int | None = Field(None, ge=2, description="token cap; default: the workflow's max_length")
     global_batch: int | None = Field(512, ge=1, description="samples per optimizer step")
     global_batch_tokens: int | None = Field(None, ge=1, description="supervised tokens per optimizer step")
     micro_batch_tokens: int = Field(16384, ge=1, description="padded tokens per micro-batch on one worker")
@@ -58,6 +64,185 @@ class JTWSConfig(_Strict):
     freeze_weak: bool = False
 
 
+class DemoConfig(_Strict):
+    """The embedded offline demo: a synthetic arithmetic task and a tiny base model pre-trained briefly on
+    generated text, used wherever the config says `demo` for the data or the base model."""
+
+    n_train: int = Field(192, ge=4)
+    n_eval: int = Field(48, ge=1)
+    seed: int = 0
+    layers: int = Field(2, ge=1)
+    hidden: int = Field(128, ge=64)
+    pretrain_steps: int = Field(150, ge=0)
+    pretrain_lr: float = Field(3e-3, gt=0)
+
+
+class ModelsConfig(_Strict):
+    base: str = Field("demo", description="base model M0: HF folder, hub id, or `demo`")
+    strong: str | None = Field(None, description="an existing strong model: Phase 1 is skipped")
+    weak: str | None = Field(None, description="the weak model (default: the base model)")
+
+
+class DataConfig(_Strict):
+    train: str = Field("demo", description="training records (.jsonl/.json/.parquet, HF dataset dir or id), or `demo`")
+    on_bad_record: Literal["error", "skip"] = "error"
+
+
+class ActorsConfig(_Strict):
+    min: int = Field(1, ge=1)
+    max: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.max < self.min:
+            raise ValueError(f"actors.max ({self.max}) must be >= actors.min ({self.min})")
+        return self
+
+
+class ScoringConfig(_Strict):
+    """Phase 2a: entropy of every sample under the weak and the strong model, on Ray Data."""
+
+    backend: Literal["torch", "vllm"] = "torch"
+    actors: ActorsConfig = ActorsConfig()
+    gpus_per_actor: float = Field(0.0, ge=0)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    top_k: int = Field(20, ge=1, description="vLLM backend: log-probs kept per position")
+    token_budget: int = Field(16384, ge=1, description="padded tokens per scoring batch")
+
+
+class CedaConfig(_Strict):
+    """Phase 2b: sampling weights from the entropies and the active-set draw (method.md)."""
+
+    alpha: float = Field(0.1, ge=0)
+    beta: float = Field(0.8, ge=0)
+    gamma: float = Field(0.1, ge=0)
+    formula: Literal["code", "paper-v2"] = "code"
+    multiplier: float = Field(1.0, gt=0, description="draws = round(|D| * multiplier)")
+    dedup: bool = True
+    seed: int = 0
+
+
+class JTWSStageConfig(JTWSConfig):
+    training: TrainingConfig = TrainingConfig()
+
+
+class BaselinesConfig(_Strict):
+    """Equal-budget baselines: one more epoch from the Phase-1 strong model (plain, NEFTune or UNDIAL)."""
+
+    methods: list[Literal["sft", "neftune", "undial"]] = ["sft"]
+    neftune_alpha: float = Field(5.0, gt=0)
+    undial_sigma: float = Field(1.0, gt=0)
+
+
+class EvalConfig(_Strict):
+    benchmarks: list[str] = Field(default_factory=list, description="named benchmarks (gsm8k, svamp, ...)")
+    heldout: bool = Field(True, description="the demo's held-out split as benchmark `synthetic`")
+    data_dir: str | None = None
+    limit: int | None = Field(None, ge=1)
+    backend: Literal["hf", "vllm"] = "hf"
+    max_new_tokens: int | None = Field(None, ge=1)
+    methods: list[str] = Field(default_factory=lambda: ["base", "strong", "wmss"],
+                               description="which models to evaluate; baselines are always added")
+
+
+class TuneConfig(_Strict):
+    """Ray Tune over lam / alpha / gamma (see `wmss tune`)."""
+
+    num_samples: int = Field(4, ge=1)
+    metric: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    lam: tuple[float, float] = (0.3, 0.7)
+    alpha: tuple[float, float] = (0.0, 0.4)
+    gamma: tuple[float, float] = (0.0, 0.4)
+    search_formula: bool = False
+    search_dedup: bool = False
+    search_lr: bool = False
+    seed: int = 0
+    max_concurrent_trials: int | None = Field(None, ge=1)
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(None, description="cluster address; default: start or join a local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started Ray")
+
+
+class MlflowConfig(_Strict):
+    tracking_uri: str | None = Field(None, description="default: MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db")
+    experiment: str = "wmss"
+
+
+class WMSSConfig(_Strict):
+    """The whole workflow: Phase 1 SFT, Phase 2 CEDA (score + select), Phase 3 JTWS, baselines, eval."""
+
+    name: str = "wmss"
+    run_dir: str | None = Field(None, description="default: runs/<name>")
+    seed: int = 0
+    rounds: int = Field(1, ge=1, description="WMSS rounds; in round k+1 the weak model is round k's input strong")
+    max_length: int = Field(4096, ge=2, description="token cap for scoring and every training stage")
+    models: ModelsConfig = ModelsConfig()
+    data: DataConfig = DataConfig()
+    demo: DemoConfig = DemoConfig()
+    sft: TrainingConfig = TrainingConfig()
+    scoring: ScoringConfig = ScoringConfig()
+    ceda: CedaConfig = CedaConfig()
+    jtws: JTWSStageConfig = JTWSStageConfig()
+    baselines: BaselinesConfig = BaselinesConfig()
+    eval: EvalConfig = EvalConfig()
+    tune: TuneConfig = TuneConfig()
+    ray: RayConfig = RayConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+
+
+class ConfigError(SystemExit):
+    """A config that cannot be used; the message names the file, the key, the value and what is allowed."""
+
+
+def parse_overrides(pairs: list[str]) -> list[tuple[list[str], Any]]:
+    """`a.b=c` strings -> (["a", "b"], value) with the value parsed as YAML (so 0.3 is a float, [sft] a list)."""
+    out = []
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r}: expected key=value, e.g. --set jtws.lam=0.4")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {pair!r}: the value is not valid YAML ({err})")
+        out.append((key.strip().split("."), value))
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> WMSSConfig:
+    """Read a YAML config (default: configs/demo.yaml), apply `--set` overrides, validate. Raises
+    ConfigError with one line per problem."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config {path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path}: not valid YAML: {err}")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    for keys, value in parse_overrides(overrides or []):
+        node = raw
+        for k in keys[:-1]:
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {'.'.join(keys)}: {k} is {child!r}, not a section")
+            node = child
+        node[keys[-1]] = value
+    try:
+        return WMSSConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, f"config {path}"))
+
+
+def dump_config(config: WMSSConfig) -> str:
+    """The resolved config as YAML that `load_config` accepts again."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
 def format_validation_error(err: ValidationError, where: str = "config") -> str:
     """One line per problem: `<where>: key.path = value: message`."""
     lines = []
@@ -65,5 +250,22 @@ def format_validation_error(err: ValidationError, where: str = "config") -> str:
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         value = e.get("input")
         shown = "" if e["type"] == "missing" else f" = {value!r}"
-        lines.append(f"{where}: {key}{shown}: {e['msg']}")
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `wmss config show` prints every key)"
+        elif e["type"] == "literal_error":
+            msg = f"not allowed; {msg[0].lower()}{msg[1:]}"
+        lines.append(f"{where}: {key}{shown}: {msg}")
     return "\n".join(lines)
+
+
+def add_config_arguments(parser) -> None:
+    parser.add_argument("action", choices=["show"], help="show: print the resolved config")
+    parser.add_argument("config", nargs="?", help="YAML config (default: configs/demo.yaml)")
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
+
+
+def run_config_cli(args) -> int:
+    """`wmss config show [CONFIG] [--set ...]`: the validated config with every default filled in."""
+    print(dump_config(load_config(args.config, args.overrides)), end="")
+    return 0

@@ -201,3 +201,37 @@ def run_tiny_model(args: argparse.Namespace) -> int:
         return 2
     print(out)
     return 0
+
+
+def pretrain_lm(model_dir: str | os.PathLike, texts: list[str], out_dir: str | os.PathLike, *, steps: int,
+                lr: float = 3e-3, batch_size: int = 16, max_length: int = 128, seed: int = 0) -> Path:
+    """Briefly pre-train a (small) causal LM on plain `texts` with next-token loss over every token, in
+    this process, and save it to `out_dir` (atomically). The demo uses it so its base model (the weak one)
+    is not random. Deterministic for a given seed."""
+    from wmss.losses import linear_cross_entropy
+
+    tokenizer = load_tokenizer(model_dir)
+    model = load_causal_lm(model_dir)
+    model.train()
+    gen = torch.Generator().manual_seed(seed)
+    encoded = [ids[:max_length] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] if len(ids) > 1]
+    if not encoded:
+        raise ValueError("pretrain_lm: no text with at least two tokens")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    pad = tokenizer.pad_token_id
+    for _ in range(steps):
+        picks = torch.randint(len(encoded), (batch_size,), generator=gen).tolist()
+        width = max(len(encoded[i]) for i in picks)
+        ids = torch.full((batch_size, width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, i in enumerate(picks):
+            ids[b, :len(encoded[i])] = torch.tensor(encoded[i])
+            mask[b, :len(encoded[i])] = 1
+        hidden = final_hidden(model, ids, mask)[:, :-1][mask[:, 1:].bool()]
+        loss = linear_cross_entropy(hidden, output_weight(model), ids[:, 1:][mask[:, 1:].bool()])
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    model.eval()
+    return save_model(model, tokenizer, out_dir)

@@ -303,9 +303,6 @@ def train_loop_per_worker(job: dict) -> None:
 
         bar = tqdm(total=total, desc=f"{job['mode']} steps")
         bar.update(start_step)
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the step bar says enough
     groups = _step_groups(ray.train.get_dataset_shard("train"), rank, start_step)
     pending = next(groups, None)
     metrics: dict = {}
@@ -462,6 +459,8 @@ def train(mode: str, *, data, out, options: TrainingConfig, model=None, weak=Non
         records, _ = load_records(data, on_bad_record=on_bad_record)
     else:
         records, _ = records_from_rows(data, "<rows>", on_bad_record=on_bad_record)
+    if options.max_length is None:
+        raise ValueError("training.max_length is not set")
     samples, n_cut = tokenize_records(records, tokenizer, options.max_length)
     if active is not None:
         known = {s["id"] for s in samples}
@@ -513,7 +512,12 @@ def train(mode: str, *, data, out, options: TrainingConfig, model=None, weak=Non
         dataset_config=DataConfig(datasets_to_split=[],
                                   execution_options=ray.data.ExecutionOptions(preserve_order=True)),
     )
-    result = trainer.fit()
+    data_context = ray.data.DataContext.get_current()
+    bars, data_context.enable_progress_bars = data_context.enable_progress_bars, False  # the step bar says enough
+    try:
+        result = trainer.fit()
+    finally:
+        data_context.enable_progress_bars = bars
     if result.checkpoint is None:
         raise RuntimeError(f"{mode} finished without a final checkpoint (error: {result.error})")
     with result.checkpoint.as_directory() as d:
@@ -536,7 +540,7 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="folder for the final HF checkpoint")
     parser.add_argument("--epochs", type=int, default=d.epochs)
     parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--max-length", type=int, default=d.max_length)
+    parser.add_argument("--max-length", type=int, default=4096)
     parser.add_argument("--workers", type=int, default=d.workers)
     parser.add_argument("--gpus-per-worker", type=float, default=d.gpus_per_worker)
     parser.add_argument("--zero", type=int, default=d.zero, help="DeepSpeed ZeRO stage 0-3")

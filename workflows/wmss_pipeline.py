@@ -1,0 +1,363 @@
+"""The WMSS driver workflow: the method, one line per stage.
+
+    Phase 1   sft           M_strong = SFT(M0, D)                    (skipped when models.strong is given)
+    Phase 2   r{k}.score    entropy of every sample under weak and strong (Ray Data)
+              r{k}.select   CEDA weights + active-set draw
+    Phase 3   r{k}.jtws     joint training on mixed logits; keep the strong model
+    baselines baseline.*    one more SFT epoch from M_strong (plain / NEFTune / UNDIAL): the equal budget
+    evaluate  eval.*        every method's model on the same benchmarks
+
+Every stage records itself in `<run_dir>/manifest.json` (status, hash of its settings and inputs, outputs,
+MLflow run id, wall time). A rerun skips finished stages whose hash is unchanged, resumes an unfinished
+one (training continues from its last checkpoint, scoring from its finished parts) and re-runs a stage
+whose settings or inputs changed, with everything downstream of it (their hashes chain).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from wmss.config import WMSSConfig, dump_config
+from wmss.io import write_json
+
+DEMO = "demo"
+
+
+class Manifest:
+    """`manifest.json` of a run directory, rewritten atomically on every change."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "manifest.json"
+        self.data = json.loads(self.path.read_text()) if self.path.exists() else {"stages": {}}
+
+    def stage(self, name: str) -> dict | None:
+        return self.data["stages"].get(name)
+
+    def update(self, name: str, **fields) -> None:
+        self.data["stages"].setdefault(name, {}).update(fields)
+        self.save()
+
+    def save(self) -> None:
+        write_json(self.path, self.data)
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            keys.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return keys
+
+
+def fingerprint(path: str) -> str:
+    """Cheap identity of an external input: file content hash for files, (name, size, mtime) of every
+    file for folders (model folders are GBs), the string itself for hub ids."""
+    from wmss.tracking import file_sha256
+
+    p = Path(path)
+    if p.is_file():
+        return file_sha256(p)
+    if p.is_dir():
+        entries = sorted((str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns)
+                         for f in p.rglob("*") if f.is_file())
+        return _digest(entries)
+    return f"id:{path}"
+
+
+class Workflow:
+    """Runs stages against the manifest and the MLflow parent run."""
+
+    def __init__(self, config: WMSSConfig, run_dir: Path, tracker):
+        self.config, self.run_dir, self.tracker = config, run_dir, tracker
+        self.manifest = Manifest(run_dir)
+
+    def stage(self, name: str, settings: dict, inputs: dict[str, str], fn: Callable[[Path, object], dict],
+              tags: dict[str, str] | None = None) -> dict:
+        """Run `fn(stage_dir, stage_run) -> outputs` unless an identical finished run exists. `inputs` maps
+        input names to hashes (upstream stages' hashes or external fingerprints). Returns the outputs, with
+        the stage's own hash under "hash"."""
+        key = _digest({"settings": settings, "inputs": inputs})
+        stage_dir = self.run_dir / "stages" / name
+        old = self.manifest.stage(name)
+        run_id = None
+        if old and old.get("hash") == key:
+            if old.get("status") == "done":
+                print(f"[wmss] {name}: finished earlier, skipped", flush=True)
+                return {**old["outputs"], "hash": key}
+            print(f"[wmss] {name}: unfinished earlier, resuming", flush=True)
+            run_id = old.get("mlflow_run_id")
+        elif old:
+            why = _changed_keys(old.get("settings", {}), settings) + [
+                f"input {k} changed" for k in sorted(set(inputs) | set(old.get("inputs", {})))
+                if inputs.get(k) != old.get("inputs", {}).get(k)]
+            print(f"[wmss] {name}: re-running because " + "; ".join(why or ["its inputs changed"]), flush=True)
+            shutil.rmtree(stage_dir, ignore_errors=True)  # stale checkpoints must never be resumed
+        else:
+            print(f"[wmss] {name}: running", flush=True)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        start = time.time()
+        with self.tracker.stage(name, run_id=run_id, tags={"wmss.stage": name, **(tags or {})}) as run:
+            self.manifest.update(name, status="running", hash=key, settings=settings, inputs=inputs,
+                                 mlflow_run_id=run.run_id, outputs={})
+            outputs = fn(stage_dir, run)
+            run.log_metrics({"wall_s": time.time() - start})
+        earlier = old.get("wall_s", 0.0) if run_id else 0.0  # time spent before a resume counts too
+        self.manifest.update(name, status="done", outputs=outputs, wall_s=round(earlier + time.time() - start, 1))
+        print(f"[wmss] {name}: done in {time.time() - start:.0f} s", flush=True)
+        return {**outputs, "hash": key}
+
+
+# ----------------------------------------------------------------------------------------- the stages
+
+
+def _demo_base(cfg: WMSSConfig, stage_dir: Path, run) -> dict:
+    from wmss.models import make_tiny_model, pretrain_lm
+    from wmss.synthetic import corpus_lines
+
+    d = cfg.demo
+    init = make_tiny_model(stage_dir / "init", seed=d.seed, layers=d.layers, hidden=d.hidden, heads=d.hidden // 64)
+    model = pretrain_lm(init, corpus_lines(2000, d.seed + 1), stage_dir / "model", steps=d.pretrain_steps,
+                        lr=d.pretrain_lr, seed=d.seed)
+    shutil.rmtree(init)
+    return {"model": str(model)}
+
+
+def _demo_data(cfg: WMSSConfig, stage_dir: Path, run) -> dict:
+    from wmss.synthetic import make_splits, training_rows
+
+    train, heldout = make_splits(cfg.demo.n_train, cfg.demo.n_eval, cfg.demo.seed)
+    rows = training_rows(train)
+    path = stage_dir / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (stage_dir / "heldout.json").write_text(json.dumps(heldout))
+    return {"train": str(path), "heldout": str(stage_dir / "heldout.json")}
+
+
+def _train_options(cfg: WMSSConfig, section, **extra):
+    return section.model_copy(update={"max_length": section.max_length or cfg.max_length, **extra})
+
+
+def _sft(cfg, data: str, model: str, options, stage_dir: Path, run) -> dict:
+    from wmss.training import train
+
+    out = train("sft", data=data, out=stage_dir / "model", options=options, model=model,
+                mlflow_info=run.worker_info(), on_bad_record=cfg.data.on_bad_record)
+    _log_curves(run)
+    return {"model": str(out)}
+
+
+def _log_curves(run) -> None:
+    from wmss.tracking import metric_history, training_curves
+
+    history = metric_history(run.tracking_uri, run.run_id)
+    if history:
+        run.log_figure(training_curves(history), "training_curves")
+
+
+def _score(cfg: WMSSConfig, data: str, weak: str, strong: str, stage_dir: Path, run) -> dict:
+    import pyarrow.parquet as pq
+
+    from wmss.scoring import score_entropy
+
+    s = cfg.scoring
+    out = score_entropy({"weak": weak, "strong": strong}, data, stage_dir / "scores.parquet", backend=s.backend,
+                        max_length=cfg.max_length, actors=(s.actors.min, s.actors.max),
+                        gpus_per_actor=s.gpus_per_actor, cpus_per_actor=s.cpus_per_actor, top_k=s.top_k,
+                        token_budget=s.token_budget)
+    table = pq.read_table(out)
+    for name in ("entropy_weak", "entropy_strong"):
+        col = table.column(name).to_numpy()
+        run.log_metrics({f"{name}/mean": float(col.mean()), f"{name}/std": float(col.std())})
+    return {"scores": str(out)}
+
+
+def _select(cfg: WMSSConfig, scores: str, stage_dir: Path, run) -> dict:
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from wmss.curriculum import sampling_weights
+    from wmss.selection import select_active_set
+    from wmss.tracking import entropy_scatter, weight_histogram
+
+    c = cfg.ceda
+    out = stage_dir / "active.parquet"
+    summary = select_active_set(scores, out, alpha=c.alpha, beta=c.beta, gamma=c.gamma, formula=c.formula,
+                                multiplier=c.multiplier, seed=c.seed, dedup=c.dedup)
+    run.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    table = pq.read_table(scores)
+    hw, hs = table.column("entropy_weak").to_numpy(), table.column("entropy_strong").to_numpy()
+    chosen = set(pq.read_table(out).column("id").to_pylist())
+    selected = np.array([i in chosen for i in table.column("id").to_pylist()])
+    run.log_figure(entropy_scatter(hw, hs, selected), "entropy_scatter")
+    run.log_figure(weight_histogram(sampling_weights(hw, hs, c.alpha, c.beta, c.gamma, c.formula)), "sampling_weights")
+    return {"active": str(out), "summary": summary}
+
+
+def _jtws(cfg: WMSSConfig, data: str, weak: str, strong: str, active: str, stage_dir: Path, run) -> dict:
+    from wmss.config import JTWSConfig
+    from wmss.training import load_active_set, train
+
+    j = cfg.jtws
+    out = train("jtws", data=data, out=stage_dir / "model", options=_train_options(cfg, j.training), weak=weak,
+                strong=strong, jtws=JTWSConfig(lam=j.lam, freeze_weak=j.freeze_weak), active=load_active_set(active),
+                mlflow_info=run.worker_info(), on_bad_record=cfg.data.on_bad_record)
+    _log_curves(run)
+    return {"model": str(out)}
+
+
+def _evaluate(cfg: WMSSConfig, model: str, heldout: str | None, stage_dir: Path, run) -> dict:
+    from wmss.evaluation import evaluate
+
+    e = cfg.eval
+    extra = {"synthetic": json.loads(Path(heldout).read_text())} if heldout else None
+    summary = evaluate(model, e.benchmarks, stage_dir, data_dir=e.data_dir, limit=e.limit, backend=e.backend,
+                       max_new_tokens=e.max_new_tokens, extra_benchmarks=extra, mlflow_run=run)
+    return {"summary": {b: {k: v for k, v in s.items() if isinstance(v, (int, float))} for b, s in summary.items()}}
+
+
+# ------------------------------------------------------------------------------------------- the driver
+
+
+def run_workflow(cfg: WMSSConfig, run_dir: Path) -> dict:
+    """Run (or resume) the whole workflow in `run_dir`; returns {method: {benchmark: accuracy}}."""
+    from wmss.raycluster import ensure_ray
+    from wmss.tracking import Tracker, flatten, git_sha, resolve_tracking_uri
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(run_dir)
+    data_src = cfg.data.train
+    tracker = Tracker(resolve_tracking_uri(cfg.mlflow.tracking_uri, run_dir), cfg.mlflow.experiment, cfg.name,
+                      parent_run_id=manifest.data.get("mlflow_parent_run_id"),
+                      tags={"wmss.git_sha": git_sha() or "unknown", "wmss.run_dir": str(run_dir),
+                            "wmss.data_hash": data_src if data_src == DEMO else fingerprint(data_src)})
+    manifest.data["mlflow_parent_run_id"] = tracker.parent_run_id
+    manifest.save()
+    if not manifest.data.get("params_logged"):
+        tracker.log_params(flatten(cfg.model_dump(mode="json")))
+        manifest.data["params_logged"] = True
+        manifest.save()
+    resolved = run_dir / "config.yaml"
+    resolved.write_text(dump_config(cfg))
+    tracker.log_artifact(resolved)
+    ensure_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus)
+    wf = Workflow(cfg, run_dir, tracker)
+    try:
+        results = _run_stages(cfg, wf)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.log_artifact(manifest.path)
+    tracker.finish()
+    return results
+
+
+def _run_stages(cfg: WMSSConfig, wf: Workflow) -> dict:
+    demo_task = cfg.data.train == DEMO
+    heldout = None
+    if demo_task:
+        demo_data = wf.stage("demo.data", cfg.demo.model_dump(), {}, lambda d, r: _demo_data(cfg, d, r))
+        data, data_hash, heldout = demo_data["train"], demo_data["hash"], demo_data["heldout"]
+    else:
+        data, data_hash = cfg.data.train, fingerprint(cfg.data.train)
+    if cfg.models.base == DEMO:
+        base_stage = wf.stage("demo.base", cfg.demo.model_dump(), {}, lambda d, r: _demo_base(cfg, d, r))
+        base, base_hash = base_stage["model"], base_stage["hash"]
+    else:
+        base, base_hash = cfg.models.base, fingerprint(cfg.models.base)
+
+    # Phase 1: M_strong = SFT(M0, D)
+    if cfg.models.strong:
+        strong, strong_hash = cfg.models.strong, fingerprint(cfg.models.strong)
+    else:
+        sft_opts = _train_options(cfg, cfg.sft)
+        phase1 = wf.stage("sft", {"training": sft_opts.model_dump()}, {"data": data_hash, "base": base_hash},
+                          lambda d, r: _sft(cfg, data, base, sft_opts, d, r))
+        strong, strong_hash = phase1["model"], phase1["hash"]
+    weak, weak_hash = (cfg.models.weak, fingerprint(cfg.models.weak)) if cfg.models.weak else (base, base_hash)
+    models = {"base": (base, base_hash), "strong": (strong, strong_hash)}
+
+    # Phases 2 and 3, K rounds: in round k+1 the weak model is round k's input strong model
+    round_weak, round_strong = (weak, weak_hash), (strong, strong_hash)
+    for k in range(1, cfg.rounds + 1):
+        pair = {"data": data_hash, "weak": round_weak[1], "strong": round_strong[1]}
+        scored = wf.stage(f"r{k}.score", {"scoring": cfg.scoring.model_dump(), "max_length": cfg.max_length}, pair,
+                          lambda d, r: _score(cfg, data, round_weak[0], round_strong[0], d, r))
+        chosen = wf.stage(f"r{k}.select", {"ceda": cfg.ceda.model_dump()}, {"scores": scored["hash"]},
+                          lambda d, r: _select(cfg, scored["scores"], d, r))
+        trained = wf.stage(f"r{k}.jtws", {"jtws": cfg.jtws.model_dump(), "max_length": cfg.max_length},
+                           {**pair, "active": chosen["hash"]},
+                           lambda d, r: _jtws(cfg, data, round_weak[0], round_strong[0], chosen["active"], d, r))
+        round_weak, round_strong = round_strong, (trained["model"], trained["hash"])
+    models["wmss"] = round_strong
+
+    # equal-budget baselines: one more epoch from M_strong
+    b = cfg.baselines
+    for method in b.methods:
+        noise = {"neftune": {"neftune_alpha": b.neftune_alpha}, "undial": {"undial_sigma": b.undial_sigma}}.get(method, {})
+        opts = _train_options(cfg, cfg.sft, **noise)
+        done = wf.stage(f"baseline.{method}", {"training": opts.model_dump()}, {"data": data_hash, "strong": strong_hash},
+                        lambda d, r, opts=opts: _sft(cfg, data, strong, opts, d, r))
+        models[method] = (done["model"], done["hash"])
+
+    # evaluate every method's model on the same problems
+    results = {}
+    methods = list(dict.fromkeys([m for m in cfg.eval.methods if m in models] + list(b.methods)))
+    for method in methods:
+        path, model_hash = models[method]
+        evaluated = wf.stage(f"eval.{method}", {"eval": cfg.eval.model_dump(exclude={"methods"})},
+                             {"model": model_hash, "heldout": data_hash if heldout else ""},
+                             lambda d, r, path=path: _evaluate(cfg, path, heldout, d, r),
+                             tags={"wmss.method": method})
+        results[method] = {bench: s.get("accuracy") for bench, s in evaluated["summary"].items()}
+    return results
+
+
+def format_results(results: dict) -> str:
+    """methods x benchmarks accuracy table, with the delta of each method vs SFT where SFT was run."""
+    benches = sorted({b for r in results.values() for b in r})
+    head = f"{'method':<10}" + "".join(f"{b:>14}" for b in benches)
+    lines = [head, "-" * len(head)]
+    for method, accs in results.items():
+        cells = []
+        for b in benches:
+            acc = accs.get(b)
+            ref = results.get("sft", {}).get(b)
+            delta = f" ({100 * (acc - ref):+.1f})" if acc is not None and ref is not None and method != "sft" else ""
+            cells.append(f"{'-' if acc is None else f'{100 * acc:.1f}'}{delta}".rjust(14))
+        lines.append(f"{method:<10}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def add_run_arguments(parser) -> None:
+    parser.add_argument("config", nargs="?", help="YAML config (default: configs/demo.yaml, the offline demo)")
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set jtws.lam=0.4 baselines.methods=[sft,neftune]")
+    parser.add_argument("--run-dir", help="run directory (default: the config's run_dir, else runs/<name>)")
+
+
+def run_cli(args) -> int:
+    """`wmss run`: validate the config (before any Ray resources), run or resume, print the results."""
+    from wmss.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    target = Path(args.run_dir or cfg.run_dir or Path("runs") / cfg.name).resolve()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    start = time.time()
+    results = run_workflow(cfg, target)
+    print(f"\n[wmss] results (accuracy %, delta vs sft) — run dir {target}, {time.time() - start:.0f} s")
+    print(format_results(results))
+    write_json(target / "results.json", results)
+    return 0
