@@ -127,9 +127,11 @@ class JTWSStageConfig(JTWSConfig):
 
 
 class BaselinesConfig(_Strict):
-    """Equal-budget baselines: one more epoch from the Phase-1 strong model (plain, NEFTune or UNDIAL)."""
+    """Equal-budget baselines, each one more epoch from the Phase-1 strong model: `sft` (plain), `neftune`,
+    `undial`, and the ablations `ceda-only` (SFT on round 1's active set) and `jtws-only` (joint training on
+    all the data)."""
 
-    methods: list[Literal["sft", "neftune", "undial"]] = ["sft"]
+    methods: list[Literal["sft", "neftune", "undial", "ceda-only", "jtws-only"]] = ["sft"]
     neftune_alpha: float = Field(5.0, gt=0)
     undial_sigma: float = Field(1.0, gt=0)
 
@@ -146,7 +148,7 @@ class EvalConfig(_Strict):
 
 
 class TuneConfig(_Strict):
-    """Ray Tune over lam / alpha / gamma (see `wmss tune`)."""
+    """Ray Tune over lam / alpha / gamma (see `wmss tune`); beta = 1 - alpha - gamma stays on the simplex."""
 
     num_samples: int = Field(4, ge=1)
     metric: str = "val_loss"
@@ -157,8 +159,22 @@ class TuneConfig(_Strict):
     search_formula: bool = False
     search_dedup: bool = False
     search_lr: bool = False
+    lr: tuple[float, float] = Field((1e-6, 1e-4), description="log-uniform range when search_lr is on")
     seed: int = 0
-    max_concurrent_trials: int | None = Field(None, ge=1)
+    max_concurrent_trials: int | None = Field(None, ge=1, description="default: what the cluster's CPUs/GPUs fit")
+    val_data: str | None = Field(None, description="validation records; default: the demo's held-out split")
+    val_every: int = Field(0, ge=0, description="optimizer steps between validations; 0 = at the end only")
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        for name in ("lam", "alpha", "gamma", "lr"):
+            low, high = getattr(self, name)
+            if not 0 <= low <= high or (name != "lr" and high > 1):
+                raise ValueError(f"tune.{name} = [{low}, {high}]: need 0 <= low <= high" + (" <= 1" if name != "lr" else ""))
+        if self.alpha[1] + self.gamma[1] > 1:
+            raise ValueError(f"tune.alpha[1] + tune.gamma[1] = {self.alpha[1] + self.gamma[1]} > 1: beta = "
+                             "1 - alpha - gamma would be negative")
+        return self
 
 
 class RayConfig(_Strict):

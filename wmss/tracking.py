@@ -148,6 +148,10 @@ class Tracker:
         """Copy the file `path` into the parent run's artifacts."""
         self._parent.log_artifact(path, artifact_path)
 
+    def log_figure(self, fig: Figure, name: str) -> None:
+        """Save `fig` as the PNG artifact `plots/<name>` of the parent run."""
+        self._parent.log_figure(fig, name)
+
     @contextlib.contextmanager
     def stage(self, name: str, run_id: str | None = None, tags: dict[str, str] | None = None) -> Iterator[StageRun]:
         """A nested run `name` (tagged `wmss.stage`, plus `tags`, e.g. `wmss.method` on eval stages) under
@@ -274,6 +278,23 @@ def weight_histogram(weights) -> Figure:
     ax.hist(weights, bins=min(50, max(10, len(weights) // 20)), color="tab:blue")
     ax.axvline(1 / len(weights), ls="--", c="k", lw=1, label="uniform 1/|D|")
     ax.set(xlabel="sampling weight p_i", ylabel="samples", title=f"CEDA sampling weights (|D| = {len(weights)})")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def results_figure(results: Mapping[str, Mapping[str, float | None]]) -> Figure:
+    """Grouped bars of accuracy (%) per benchmark, one bar per method ({method: {benchmark: accuracy}})."""
+    benches = sorted({b for accs in results.values() for b in accs})
+    if not benches:
+        raise ValueError("results_figure: no benchmark results")
+    fig = Figure(figsize=(max(5, 1.6 * len(benches) * max(1, len(results)) / 3), 4), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(results))
+    for i, (method, accs) in enumerate(results.items()):
+        xs = [j + i * width for j in range(len(benches))]
+        ax.bar(xs, [100 * (accs.get(b) or 0.0) for b in benches], width, label=method)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(benches))], benches)
+    ax.set(ylabel="accuracy (%)", title="accuracy by method and benchmark")
     ax.legend(fontsize="small")
     return fig
 

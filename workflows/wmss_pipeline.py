@@ -150,10 +150,11 @@ def _train_options(cfg: WMSSConfig, section, **extra):
     return section.model_copy(update={"max_length": section.max_length or cfg.max_length, **extra})
 
 
-def _sft(cfg, data: str, model: str, options, stage_dir: Path, run) -> dict:
-    from wmss.training import train
+def _sft(cfg, data: str, model: str, options, stage_dir: Path, run, active: str | None = None) -> dict:
+    from wmss.training import load_active_set, train
 
     out = train("sft", data=data, out=stage_dir / "model", options=options, model=model,
+                active=load_active_set(active) if active else None,
                 mlflow_info=run.worker_info(), on_bad_record=cfg.data.on_bad_record)
     _log_curves(run)
     return {"model": str(out)}
@@ -206,13 +207,14 @@ def _select(cfg: WMSSConfig, scores: str, stage_dir: Path, run) -> dict:
     return {"active": str(out), "summary": summary}
 
 
-def _jtws(cfg: WMSSConfig, data: str, weak: str, strong: str, active: str, stage_dir: Path, run) -> dict:
+def _jtws(cfg: WMSSConfig, data: str, weak: str, strong: str, active: str | None, stage_dir: Path, run) -> dict:
     from wmss.config import JTWSConfig
     from wmss.training import load_active_set, train
 
     j = cfg.jtws
     out = train("jtws", data=data, out=stage_dir / "model", options=_train_options(cfg, j.training), weak=weak,
-                strong=strong, jtws=JTWSConfig(lam=j.lam, freeze_weak=j.freeze_weak), active=load_active_set(active),
+                strong=strong, jtws=JTWSConfig(lam=j.lam, freeze_weak=j.freeze_weak),
+                active=load_active_set(active) if active else None,
                 mlflow_info=run.worker_info(), on_bad_record=cfg.data.on_bad_record)
     _log_curves(run)
     return {"model": str(out)}
@@ -231,8 +233,9 @@ def _evaluate(cfg: WMSSConfig, model: str, heldout: str | None, stage_dir: Path,
 # ------------------------------------------------------------------------------------------- the driver
 
 
-def run_workflow(cfg: WMSSConfig, run_dir: Path) -> dict:
-    """Run (or resume) the whole workflow in `run_dir`; returns {method: {benchmark: accuracy}}."""
+def open_workflow(cfg: WMSSConfig, run_dir: Path) -> Workflow:
+    """Open (or resume) the run directory's MLflow parent run, log the config's params once, write
+    `config.yaml` and join Ray: what every driver (`wmss run`, `wmss tune`) does before its stages."""
     from wmss.raycluster import ensure_ray
     from wmss.tracking import Tracker, flatten, git_sha, resolve_tracking_uri
 
@@ -253,21 +256,34 @@ def run_workflow(cfg: WMSSConfig, run_dir: Path) -> dict:
     resolved.write_text(dump_config(cfg))
     tracker.log_artifact(resolved)
     ensure_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus)
-    wf = Workflow(cfg, run_dir, tracker)
+    return Workflow(cfg, run_dir, tracker)
+
+
+def run_workflow(cfg: WMSSConfig, run_dir: Path) -> dict:
+    """Run (or resume) the whole workflow in `run_dir`; returns {method: {benchmark: accuracy}}."""
+    wf = open_workflow(cfg, run_dir)
+    tracker, manifest = wf.tracker, wf.manifest
     try:
         results = _run_stages(cfg, wf)
     except BaseException:
         tracker.finish("FAILED")
         raise
-    tracker.log_artifact(manifest.path)
+    from wmss.tracking import results_figure
+
+    table = run_dir / "results.txt"
+    table.write_text(format_results(results) + "\n")
+    for path in (table, manifest.path):
+        tracker.log_artifact(path)
+    tracker.log_figure(results_figure(results), "results")
     tracker.finish()
     return results
 
 
-def _run_stages(cfg: WMSSConfig, wf: Workflow) -> dict:
-    demo_task = cfg.data.train == DEMO
+def shared_inputs(cfg: WMSSConfig, wf: Workflow) -> dict:
+    """The stages before Phase 2 (demo data and base model, Phase 1 SFT): {"data", "base", "strong",
+    "weak": (path, hash)} and "heldout" (the demo's held-out problems file, None for other data)."""
     heldout = None
-    if demo_task:
+    if cfg.data.train == DEMO:
         demo_data = wf.stage("demo.data", cfg.demo.model_dump(), {}, lambda d, r: _demo_data(cfg, d, r))
         data, data_hash, heldout = demo_data["train"], demo_data["hash"], demo_data["heldout"]
     else:
@@ -287,29 +303,54 @@ def _run_stages(cfg: WMSSConfig, wf: Workflow) -> dict:
                           lambda d, r: _sft(cfg, data, base, sft_opts, d, r))
         strong, strong_hash = phase1["model"], phase1["hash"]
     weak, weak_hash = (cfg.models.weak, fingerprint(cfg.models.weak)) if cfg.models.weak else (base, base_hash)
+    return {"data": (data, data_hash), "heldout": heldout, "base": (base, base_hash),
+            "strong": (strong, strong_hash), "weak": (weak, weak_hash)}
+
+
+def score_stage(cfg: WMSSConfig, wf: Workflow, k: int, data: tuple, weak: tuple, strong: tuple) -> dict:
+    """Stage `r{k}.score` (Phase 2a): the entropies of `data` under `weak` and `strong`, each (path, hash)."""
+    return wf.stage(f"r{k}.score", {"scoring": cfg.scoring.model_dump(), "max_length": cfg.max_length},
+                    {"data": data[1], "weak": weak[1], "strong": strong[1]},
+                    lambda d, r: _score(cfg, data[0], weak[0], strong[0], d, r))
+
+
+def _run_stages(cfg: WMSSConfig, wf: Workflow) -> dict:
+    shared = shared_inputs(cfg, wf)
+    (data, data_hash), heldout = shared["data"], shared["heldout"]
+    (base, base_hash), (strong, strong_hash), (weak, weak_hash) = shared["base"], shared["strong"], shared["weak"]
     models = {"base": (base, base_hash), "strong": (strong, strong_hash)}
 
     # Phases 2 and 3, K rounds: in round k+1 the weak model is round k's input strong model
     round_weak, round_strong = (weak, weak_hash), (strong, strong_hash)
+    chosen_rounds = []
     for k in range(1, cfg.rounds + 1):
         pair = {"data": data_hash, "weak": round_weak[1], "strong": round_strong[1]}
-        scored = wf.stage(f"r{k}.score", {"scoring": cfg.scoring.model_dump(), "max_length": cfg.max_length}, pair,
-                          lambda d, r: _score(cfg, data, round_weak[0], round_strong[0], d, r))
+        scored = score_stage(cfg, wf, k, (data, data_hash), round_weak, round_strong)
         chosen = wf.stage(f"r{k}.select", {"ceda": cfg.ceda.model_dump()}, {"scores": scored["hash"]},
                           lambda d, r: _select(cfg, scored["scores"], d, r))
         trained = wf.stage(f"r{k}.jtws", {"jtws": cfg.jtws.model_dump(), "max_length": cfg.max_length},
                            {**pair, "active": chosen["hash"]},
                            lambda d, r: _jtws(cfg, data, round_weak[0], round_strong[0], chosen["active"], d, r))
+        chosen_rounds.append(chosen)
         round_weak, round_strong = round_strong, (trained["model"], trained["hash"])
     models["wmss"] = round_strong
+    first_active = chosen_rounds[0]
 
-    # equal-budget baselines: one more epoch from M_strong
+    # equal-budget baselines: one more epoch from M_strong (and the two ablations)
     b = cfg.baselines
     for method in b.methods:
-        noise = {"neftune": {"neftune_alpha": b.neftune_alpha}, "undial": {"undial_sigma": b.undial_sigma}}.get(method, {})
-        opts = _train_options(cfg, cfg.sft, **noise)
-        done = wf.stage(f"baseline.{method}", {"training": opts.model_dump()}, {"data": data_hash, "strong": strong_hash},
-                        lambda d, r, opts=opts: _sft(cfg, data, strong, opts, d, r))
+        inputs = {"data": data_hash, "strong": strong_hash}
+        if method == "jtws-only":  # joint training on all the data, no curriculum
+            done = wf.stage(f"baseline.{method}", {"jtws": cfg.jtws.model_dump(), "max_length": cfg.max_length},
+                            {**inputs, "weak": weak_hash}, lambda d, r: _jtws(cfg, data, weak, strong, None, d, r))
+        else:
+            noise = {"neftune": {"neftune_alpha": b.neftune_alpha}, "undial": {"undial_sigma": b.undial_sigma}}.get(method, {})
+            opts = _train_options(cfg, cfg.sft, **noise)
+            active = first_active["active"] if method == "ceda-only" else None  # SFT on the active set
+            if active:
+                inputs["active"] = first_active["hash"]
+            done = wf.stage(f"baseline.{method}", {"training": opts.model_dump()}, inputs,
+                            lambda d, r, opts=opts, active=active: _sft(cfg, data, strong, opts, d, r, active))
         models[method] = (done["model"], done["hash"])
 
     # evaluate every method's model on the same problems

@@ -1,0 +1,152 @@
+"""`wmss run` end to end on the reduced demo: killed during Phase 3 and resumed, a finished rerun that
+touches nothing, a config change that re-runs exactly the affected stages, and what MLflow holds."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+REDUCED = ["demo.n_train=24", "demo.n_eval=4", "demo.pretrain_steps=3", "eval.max_new_tokens=16",
+           "sft.global_batch=8", "jtws.training.global_batch=2", "jtws.training.checkpoint_every=1"]
+
+
+def _wmss_run(run_dir: Path, ray_address: str, extra: list[str] = (), **popen):
+    cmd = [sys.executable, "-m", "wmss.cli", "run", "--run-dir", str(run_dir),
+           "--set", *REDUCED, f"ray.address={ray_address}", *extra]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return cmd, env
+
+
+def _stages(run_dir: Path) -> dict:
+    path = run_dir / "manifest.json"
+    return json.loads(path.read_text())["stages"] if path.exists() else {}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, ray_local):
+    """Start the demo, kill the driver once Phase 3 has written a checkpoint, run the same command again."""
+    run_dir = tmp_path_factory.mktemp("wf") / "run"
+    address = ray_local.get_runtime_context().gcs_address
+    cmd, env = _wmss_run(run_dir, address)
+    first_log = run_dir.parent / "first-run.log"
+    with open(first_log, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    checkpoints = run_dir / "stages" / "r1.jtws" / "model.checkpoints"
+    deadline = time.time() + 900
+    while time.time() < deadline and proc.poll() is None:
+        if _stages(run_dir).get("r1.jtws", {}).get("status") == "running" and list(checkpoints.glob("checkpoint_*")):
+            break
+        time.sleep(0.5)
+    killed_in_phase3 = proc.poll() is None
+    if killed_in_phase3:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert killed_in_phase3, "the driver ended before Phase 3 checkpointed:\n" + first_log.read_text()[-4000:]
+    before = _stages(run_dir)
+    time.sleep(3)
+    t0 = time.time()
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    return {"run_dir": run_dir, "cmd": cmd, "env": env, "before": before,
+            "resumed": resumed, "resume_s": time.time() - t0}
+
+
+def test_killed_during_phase3_resumes_and_finishes(finished_run):
+    before = finished_run["before"]
+    assert before["sft"]["status"] == "done" and before["r1.jtws"]["status"] == "running"
+    out = finished_run["resumed"].stdout + finished_run["resumed"].stderr
+    assert finished_run["resumed"].returncode == 0, out[-4000:]
+    for stage in ("demo.data", "demo.base", "sft", "r1.score", "r1.select"):
+        assert f"[wmss] {stage}: finished earlier, skipped" in out
+    assert "[wmss] r1.jtws: unfinished earlier, resuming" in out
+    assert "resumed from step" in out
+    run_dir = finished_run["run_dir"]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert set(results) == {"base", "strong", "wmss", "sft"}
+    assert all(0.0 <= acc <= 1.0 for r in results.values() for acc in r.values())
+    assert "method" in out and "synthetic" in out  # the printed table
+    stages = _stages(run_dir)
+    assert all(s["status"] == "done" and s["wall_s"] > 0 for s in stages.values())
+
+
+def test_finished_rerun_touches_nothing(finished_run):
+    t0 = time.time()
+    again = subprocess.run(finished_run["cmd"], env=finished_run["env"], capture_output=True, text=True, timeout=300)
+    elapsed = time.time() - t0
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-3000:]
+    stages = _stages(finished_run["run_dir"])
+    assert all(f"[wmss] {name}: finished earlier, skipped" in out for name in stages)
+    assert ": running" not in out
+    assert elapsed < 60
+
+
+def test_mlflow_holds_parent_nested_runs_metrics_and_plots(finished_run):
+    from mlflow import MlflowClient
+
+    run_dir = finished_run["run_dir"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    parent = client.get_run(manifest["mlflow_parent_run_id"])
+    assert parent.data.params["jtws.lam"] == "0.5" and parent.data.tags["wmss.git_sha"]
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_stage = {r.data.tags["wmss.stage"]: r for r in children}
+    assert set(by_stage) == set(manifest["stages"])
+    assert "train/loss" in by_stage["sft"].data.metrics and "train/nontarget_mass_mix" in by_stage["r1.jtws"].data.metrics
+    assert "eval/synthetic/accuracy" in by_stage["eval.wmss"].data.metrics
+    artifacts = lambda run: {a.path for a in client.list_artifacts(run.info.run_id, "plots")}  # noqa: E731
+    assert {"plots/entropy_scatter.png", "plots/sampling_weights.png"} <= artifacts(by_stage["r1.select"])
+    assert "plots/training_curves.png" in artifacts(by_stage["r1.jtws"])
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"config.yaml", "manifest.json"}
+
+
+def test_config_change_reruns_the_stage_and_everything_after_it(finished_run):
+    cmd = finished_run["cmd"] + ["ceda.seed=1"]
+    changed = subprocess.run(cmd, env=finished_run["env"], capture_output=True, text=True, timeout=900)
+    out = changed.stdout + changed.stderr
+    assert changed.returncode == 0, out[-3000:]
+    assert "[wmss] r1.select: re-running because ceda.seed: 0 -> 1" in out
+    for stage in ("r1.jtws", "eval.wmss"):
+        assert f"[wmss] {stage}: re-running because" in out
+    for stage in ("sft", "r1.score", "baseline.sft", "eval.sft", "eval.strong"):
+        assert f"[wmss] {stage}: finished earlier, skipped" in out
+
+
+def test_invalid_config_fails_before_ray(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "wmss.cli", "run", "--run-dir", str(tmp_path / "r"),
+                           "--set", "jtws.lam=2", "ceda.formula=v9"], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "jtws.lam = 2" in done.stderr and "ceda.formula = 'v9'" in done.stderr and "'code' or 'paper-v2'" in done.stderr
+    assert "Ray" not in done.stderr and not (tmp_path / "r").exists()
+
+
+def test_comparison_workflow_adds_baselines_and_ablations(finished_run):
+    """The comparison workflow at reduced size: the finished run plus NEFTune, UNDIAL and both ablations;
+    only the new stages run, and the table and plot cover every method."""
+    from mlflow import MlflowClient
+
+    methods = "baselines.methods=[sft,neftune,undial,ceda-only,jtws-only]"
+    cmd = finished_run["cmd"] + [methods]
+    done = subprocess.run(cmd, env=finished_run["env"], capture_output=True, text=True, timeout=1200)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    for stage in ("sft", "r1.select", "baseline.sft", "eval.sft"):
+        assert f"[wmss] {stage}: finished earlier, skipped" in out
+    for method in ("neftune", "undial", "ceda-only", "jtws-only"):
+        assert f"[wmss] baseline.{method}: running" in out and f"[wmss] eval.{method}: running" in out
+    run_dir = finished_run["run_dir"]
+    table = (run_dir / "results.txt").read_text()
+    for method in ("sft", "neftune", "undial", "ceda-only", "jtws-only", "wmss"):
+        assert method in table
+    parent = json.loads((run_dir / "manifest.json").read_text())["mlflow_parent_run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    assert "plots/results.png" in {a.path for a in client.list_artifacts(parent, "plots")}
