@@ -292,17 +292,20 @@ def shared_inputs(cfg: WMSSConfig, wf: Workflow) -> dict:
         base_stage = wf.stage("demo.base", cfg.demo.model_dump(), {}, lambda d, r: _demo_base(cfg, d, r))
         base, base_hash = base_stage["model"], base_stage["hash"]
     else:
-        base, base_hash = cfg.models.base, fingerprint(cfg.models.base)
+        base = resolve_model(cfg.models.base)
+        base_hash = fingerprint(base)
 
     # Phase 1: M_strong = SFT(M0, D)
     if cfg.models.strong:
-        strong, strong_hash = cfg.models.strong, fingerprint(cfg.models.strong)
+        strong = resolve_model(cfg.models.strong)
+        strong_hash = fingerprint(strong)
     else:
         sft_opts = _train_options(cfg, cfg.sft)
         phase1 = wf.stage("sft", {"training": sft_opts.model_dump()}, {"data": data_hash, "base": base_hash},
                           lambda d, r: _sft(cfg, data, base, sft_opts, d, r))
         strong, strong_hash = phase1["model"], phase1["hash"]
-    weak, weak_hash = (cfg.models.weak, fingerprint(cfg.models.weak)) if cfg.models.weak else (base, base_hash)
+    weak, weak_hash = (resolve_model(cfg.models.weak), fingerprint(resolve_model(cfg.models.weak))) if cfg.models.weak \
+        else (base, base_hash)
     return {"data": (data, data_hash), "heldout": heldout, "base": (base, base_hash),
             "strong": (strong, strong_hash), "weak": (weak, weak_hash)}
 
@@ -315,6 +318,8 @@ def score_stage(cfg: WMSSConfig, wf: Workflow, k: int, data: tuple, weak: tuple,
 
 
 def _run_stages(cfg: WMSSConfig, wf: Workflow) -> dict:
+    from wmss.models import resolve_model
+
     shared = shared_inputs(cfg, wf)
     (data, data_hash), heldout = shared["data"], shared["heldout"]
     (base, base_hash), (strong, strong_hash), (weak, weak_hash) = shared["base"], shared["strong"], shared["weak"]
