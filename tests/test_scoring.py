@@ -1,0 +1,293 @@
+"""wmss.scoring: token-budget packing, the exact torch scorer and the vLLM top-K scorer against full-logit
+references, argument checks before Ray, and the Ray Data job (both backends, resume)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from wmss.cli import main as wmss_main
+from wmss.data import load_records, tokenize_records
+from wmss.io import write_parquet
+from wmss.losses import entropy_bounds_from_topk
+from wmss.models import load_causal_lm, load_tokenizer, make_tiny_model, output_weight
+from wmss.scoring import (
+    collate,
+    pack_by_token_budget,
+    prepare_scoring,
+    run_scoring,
+    score_batch,
+    score_entropy,
+    topk_sample_entropy,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TOLERANCE = 1e-4  # float32 entropies of ~V=2048 terms, computed by different kernels (HF vs vLLM)
+
+
+def _peaked_copy(source: Path, target: Path, scale: float) -> Path:
+    """The model with its output layer scaled: randomly initialised logits are nearly uniform, which would
+    make every entropy ~ln V and every top-K bound trivially tight."""
+    model = load_causal_lm(source)
+    with torch.no_grad():
+        output_weight(model).mul_(scale)
+    model.save_pretrained(target)
+    load_tokenizer(source).save_pretrained(target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def models(tiny_weak_strong, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("scoring-models")
+    weak, strong = tiny_weak_strong
+    return {"weak": _peaked_copy(weak, root / "weak", 20.0), "strong": _peaked_copy(strong, root / "strong", 40.0)}
+
+
+@pytest.fixture(scope="module")
+def data_file(demo_rows, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("scoring-data") / "train.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in demo_rows))
+    return path
+
+
+def _reference_entropy(model, input_ids: list[int], prompt_length: int) -> float:
+    """Plain reference: the full (T, V) logits of one unpadded sample, entropy in float64 of each row that
+    predicts a completion token, averaged."""
+    with torch.no_grad():
+        logits = model(torch.tensor([input_ids])).logits[0].double()
+    logp = logits[prompt_length - 1:len(input_ids) - 1].log_softmax(dim=-1)
+    return float(-(logp.exp() * logp).sum(dim=-1).mean())
+
+
+@pytest.fixture(scope="module")
+def reference(models, data_file) -> dict[str, np.ndarray]:
+    """Full-logit reference entropies of every demo sample, in data order, per model."""
+    records, _ = load_records(data_file)
+    samples, _ = tokenize_records(records, load_tokenizer(models["weak"]))
+    out = {"id": [s["id"] for s in samples], "n_completion_tokens": [s["n_completion_tokens"] for s in samples]}
+    for name, path in models.items():
+        model = load_causal_lm(path).eval()
+        out[name] = np.array([_reference_entropy(model, s["input_ids"], s["labels"].count(-100)) for s in samples])
+    return out
+
+
+# ------------------------------------------------------------------------------------------ pure core
+
+
+def test_pack_by_token_budget_buckets_lengths_under_the_budget():
+    rng = np.random.default_rng(0)
+    for budget in (64, 500, 4096):
+        lengths = rng.integers(1, 700, size=300)
+        batches = pack_by_token_budget(lengths, budget)
+        assert np.array_equal(np.sort(np.concatenate(batches)), np.arange(300))  # every sample exactly once
+        for batch in batches:
+            assert len(batch) == 1 or len(batch) * lengths[batch].max() <= budget
+        for batch in batches[:-1]:  # packed full, not just under the budget; the last takes what is left
+            assert len(batch) == max(1, budget // lengths[batch].max())
+        for longer, shorter in zip(batches, batches[1:]):  # buckets: consecutive in length order
+            assert lengths[longer].min() >= lengths[shorter].max()
+    with pytest.raises(ValueError, match="token_budget must be >= 1"):
+        pack_by_token_budget([3, 4], 0)
+
+
+def test_score_batch_matches_full_logits_on_random_padded_batches(models):
+    model = load_causal_lm(models["strong"]).eval()
+    vocab = output_weight(model).shape[0]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        lengths = torch.randint(2, 60, (5,), generator=gen).tolist()
+        tokens = [torch.randint(0, vocab, (n,), generator=gen).numpy().astype(np.int32) for n in lengths]
+        prompt_lengths = [int(torch.randint(1, n, (1,), generator=gen)) for n in lengths]
+        batch = collate(tokens, prompt_lengths)
+        assert batch["input_ids"].shape == (5, max(lengths))
+        got = score_batch(model, output_weight(model), batch)
+        want = [_reference_entropy(model, t.tolist(), p) for t, p in zip(tokens, prompt_lengths)]
+        assert got.dtype == torch.float32
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def _flat_prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int], k: int):
+    """vLLM's FlatLogprobs for one prompt, built with vLLM's own append function as its engine does:
+    per position t >= 1 the predicted token with its rank, then the top-k of the row predicting it."""
+    from vllm.logprobs import append_logprobs_for_next_position, create_prompt_logprobs
+
+    flat = create_prompt_logprobs(flat_logprobs=True)
+    logp = logits.float().log_softmax(dim=-1)
+    for t in range(1, len(prompt_ids)):
+        row, token = logp[t - 1], prompt_ids[t]
+        top = torch.topk(row, k)
+        rank = int((row > row[token]).sum()) + 1
+        append_logprobs_for_next_position(flat, [token] + top.indices.tolist(),
+                                          [float(row[token])] + top.values.tolist(), [None] * (k + 1), rank, k)
+    return flat
+
+
+def test_topk_sample_entropy_matches_bounds_and_exact_entropy():
+    gen = torch.Generator().manual_seed(1)
+    vocab, length, prompt_length = 300, 40, 11
+    logits = torch.randn(length, vocab, generator=gen) * 4
+    ids = torch.randint(0, vocab, (length,), generator=gen)
+    ids[15] = logits[14].argmax()  # one completion token inside the top K, so its entry is a duplicate
+    ids = ids.tolist()
+    rows = logits[prompt_length - 1:length - 1].float().log_softmax(dim=-1)
+    exact = float(-(rows.exp() * rows).sum(dim=-1).mean())
+
+    estimate, lower, upper = topk_sample_entropy(_flat_prompt_logprobs(logits, ids, vocab), prompt_length, vocab, vocab)
+    assert estimate == pytest.approx(exact, abs=1e-5) and lower == pytest.approx(exact, abs=1e-5)
+    assert upper == pytest.approx(exact, abs=1e-5)
+    for k in (1, 5, 20):
+        estimate, lower, upper = topk_sample_entropy(_flat_prompt_logprobs(logits, ids, k), prompt_length, k, vocab)
+        want = [float(v.double().mean()) for v in entropy_bounds_from_topk(torch.topk(rows, k).values, vocab)]
+        np.testing.assert_allclose([estimate, lower, upper], want, rtol=1e-6)
+        assert lower < exact < upper
+    with pytest.raises(ValueError, match="fewer than top_k=6 log-probs"):
+        topk_sample_entropy(_flat_prompt_logprobs(logits, ids, 5), prompt_length, 6, vocab)
+
+
+# ---------------------------------------------------------------------------- arguments, before Ray
+
+
+def test_bad_arguments_fail_with_a_message_before_ray(models, data_file, tmp_path):
+    weak, strong, data = str(models["weak"]), str(models["strong"]), str(data_file)
+    base = ["score", "--data", data, "--out", str(tmp_path / "s.parquet")]
+    cases = {
+        "not a model folder": base + ["--weak", str(tmp_path / "missing"), "--strong", strong],
+        "--actors must be MIN:MAX": base + ["--weak", weak, "--strong", strong, "--actors", "3:1"],
+        "top_k (K) must be >= 1": base + ["--weak", weak, "--strong", strong, "--top-k", "0"],
+        "--model needs --name": base + ["--model", weak],
+        "give --weak and --strong": base + ["--weak", weak],
+        "token_budget must be >= 1": base + ["--weak", weak, "--strong", strong, "--token-budget", "0"],
+        "gpus_per_actor and cpus_per_actor must be >= 0": base + ["--weak", weak, "--strong", strong,
+                                                                   "--gpus-per-actor", "-1"],
+        "missing.jsonl: no such file": ["score", "--data", str(tmp_path / "missing.jsonl"), "--out", "x.parquet",
+                                        "--weak", weak, "--strong", strong],
+    }
+    # a fresh process, so "Ray was never imported" means no Ray resource was requested
+    script = textwrap.dedent(f"""
+        import contextlib, io, json, sys
+        from wmss.cli import main
+        results = {{}}
+        for expected, argv in {cases!r}.items():
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                code = main(argv)
+            results[expected] = [code, err.getvalue()]
+        print(json.dumps({{"results": results, "ray_imported": "ray" in sys.modules}}))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["ray_imported"] is False
+    for expected, (code, err) in report["results"].items():
+        assert code == 2 and expected in err and err.startswith("wmss score: error:"), (expected, err)
+
+
+def test_models_must_share_a_tokenizer(models, data_file, tmp_path):
+    other = make_tiny_model(tmp_path / "other-vocab", vocab=400)  # the corpus fills ~640 tokens: 400 differs
+    with pytest.raises(ValueError, match="different tokenizers or chat templates"):
+        prepare_scoring({"weak": models["weak"], "strong": other}, data_file, tmp_path / "s.parquet")
+    with pytest.raises(ValueError, match="handles 8 positions; pass max_length <= 7"):
+        short = make_tiny_model(tmp_path / "short", max_position=8)
+        prepare_scoring({"short": short}, data_file, tmp_path / "s.parquet")
+
+
+def test_a_part_that_does_not_fit_the_job_is_named(models, data_file, tmp_path):
+    job = prepare_scoring({"weak": models["weak"]}, data_file, tmp_path / "scores.parquet")
+    write_parquet(job.parts_dir / "part-00000.parquet", {"id": ["nope"], "n_completion_tokens": [3],
+                                                         "entropy_weak": [1.0]})
+    with pytest.raises(ValueError, match=r"part-00000.parquet: id 'nope' is not in the data"):
+        run_scoring(job)  # fails while reading the parts, before Ray is touched
+    assert not job.out.exists()
+
+
+# ------------------------------------------------------------------------------------- the Ray job
+
+
+@pytest.mark.ray
+def test_torch_job_scores_weak_and_strong_exactly(ray_local, models, data_file, reference, tmp_path, capsys):
+    out = tmp_path / "scores.parquet"
+    argv = ["score", "--weak", str(models["weak"]), "--strong", str(models["strong"]), "--data", str(data_file),
+            "--out", str(out), "--actors", "1:2", "--cpus-per-actor", "0.5", "--token-budget", "700"]
+    assert wmss_main(argv) == 0
+    table = pq.read_table(out)
+    assert table.column_names == ["id", "n_completion_tokens", "entropy_weak", "entropy_strong"]
+    assert table.column("id").to_pylist() == reference["id"]  # every input id once, in input order
+    assert table.column("n_completion_tokens").to_pylist() == reference["n_completion_tokens"]
+    for name in ("weak", "strong"):
+        np.testing.assert_allclose(table.column(f"entropy_{name}").to_numpy(), reference[name], rtol=1e-5)
+    assert np.ptp(reference["strong"]) > 0.1  # the peaked models give the samples distinct entropies
+    assert not out.with_name(out.name + ".parts").exists()
+    printed = capsys.readouterr().out
+    assert "score: 24 samples, 0 already scored" in printed and "batches of <= 700 padded tokens" in printed
+
+    mtime = out.stat().st_mtime_ns
+    assert wmss_main(argv) == 0
+    assert "is up to date" in capsys.readouterr().out and out.stat().st_mtime_ns == mtime
+
+
+@pytest.mark.ray
+def test_rerun_reuses_finished_parts_and_ignores_debris(ray_local, models, data_file, reference, tmp_path, capsys):
+    job = prepare_scoring({"weak": models["weak"]}, data_file, tmp_path / "scores.parquet", cpus_per_actor=0.5)
+    planted = {"id": job.ids[:5], "n_completion_tokens": job.n_completion_tokens[:5],
+               "entropy_weak": [100.0 + i for i in range(5)]}  # impossible entropies: they can only come from the part
+    write_parquet(job.parts_dir / "part-00000.parquet", planted)
+    debris = job.parts_dir / ".part-00001.parquet.x1y2.tmp"  # what a kill during atomic_path leaves behind
+    debris.mkdir()
+    (debris / "part-00001.parquet").write_bytes(b"PAR1 half written")
+    stale = job.parts_root / "0123456789abcdef"  # parts of a run with other inputs
+    stale.mkdir()
+
+    run_scoring(job)
+    assert "24 samples, 5 already scored" in capsys.readouterr().out
+    table = pq.read_table(job.out)
+    assert table.column("id").to_pylist() == reference["id"]
+    scores = table.column("entropy_weak").to_numpy()
+    np.testing.assert_array_equal(scores[:5], planted["entropy_weak"])
+    np.testing.assert_allclose(scores[5:], reference["weak"][5:], rtol=1e-5)
+    assert not job.parts_root.exists()
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_top_k_bounds_contain_the_exact_entropy(ray_local, models, data_file, reference, tmp_path):
+    from scipy.stats import spearmanr
+
+    out = score_entropy(models, data_file, tmp_path / "scores.parquet", backend="vllm", top_k=5,
+                        cpus_per_actor=0.5)
+    table = pq.read_table(out)
+    assert table.column_names == ["id", "n_completion_tokens", "entropy_weak", "entropy_strong",
+                                  "entropy_weak_lower", "entropy_weak_upper", "entropy_strong_lower",
+                                  "entropy_strong_upper"]
+    assert table.column("id").to_pylist() == reference["id"]
+    for name in ("weak", "strong"):
+        exact = reference[name]
+        estimate, lower, upper = (table.column(f"entropy_{name}{s}").to_numpy() for s in ("", "_lower", "_upper"))
+        assert np.all(lower <= exact + TOLERANCE) and np.all(exact <= upper + TOLERANCE), name
+        assert np.all((lower <= estimate) & (estimate <= upper))
+        assert np.all(upper - lower > 1e-3)  # with K=5 of 2048 the bounds are a real interval
+        rho = spearmanr(estimate, exact).statistic
+        print(f"vLLM top-5 estimate vs exact entropy, {name} model: Spearman {rho:.3f}, "
+              f"mean bound width {np.mean(upper - lower):.3f} nats")
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_with_the_whole_vocabulary_equals_torch(ray_local, models, data_file, reference, tmp_path):
+    out = tmp_path / "weak.parquet"
+    assert wmss_main(["score", "--model", str(models["weak"]), "--name", "weak", "--data", str(data_file),
+                      "--out", str(out), "--backend", "vllm", "--top-k", "2048", "--cpus-per-actor", "0.5"]) == 0
+    table = pq.read_table(out)
+    assert table.column_names == ["id", "n_completion_tokens", "entropy_weak", "entropy_weak_lower",
+                                  "entropy_weak_upper"]
+    for column in ("entropy_weak", "entropy_weak_lower", "entropy_weak_upper"):
+        np.testing.assert_allclose(table.column(column).to_numpy(), reference["weak"], atol=TOLERANCE)
