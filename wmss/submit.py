@@ -12,6 +12,7 @@ the bottom are thin wrappers around Ray's `JobSubmissionClient`.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import copy
 import json
@@ -74,17 +75,17 @@ def pinned_requirements(pyproject: Path) -> list[str]:
     return [d for d in dependencies if canonicalize_name(Requirement(d).name) not in IMAGE_PROVIDED]
 
 
-def build_runtime_env(root: Path, environ: Mapping[str, str]) -> dict:
-    """The Ray runtime env of a submission: `root` as working_dir, the pinned requirements as pip, and
-    env_vars holding only PYTHONUNBUFFERED (so streamed logs are live) and the secrets set in `environ`."""
+def build_runtime_env(root: Path, environ: Mapping[str, str], *, pip: bool = True) -> dict:
+    """The Ray runtime env of a submission: `root` as working_dir, the pinned requirements as pip (none
+    when `pip` is False: the cluster's Python already has them), and env_vars holding only
+    PYTHONUNBUFFERED (so streamed logs are live) and the secrets set in `environ`."""
     env_vars = {"PYTHONUNBUFFERED": "1"}
     env_vars.update({name: environ[name] for name in SECRET_ENV_VARS if environ.get(name)})
-    return {
-        # Ray skips .git, .venv and every .gitignore'd path (runs/, mlruns/) when it packs this folder.
-        "working_dir": str(root),
-        "pip": pinned_requirements(Path(root) / "pyproject.toml"),
-        "env_vars": env_vars,
-    }
+    # Ray skips .git, .venv and every .gitignore'd path (runs/, mlruns/) when it packs this folder.
+    runtime_env = {"working_dir": str(root), "env_vars": env_vars}
+    if pip:
+        runtime_env["pip"] = pinned_requirements(Path(root) / "pyproject.toml")
+    return runtime_env
 
 
 def redact_runtime_env(runtime_env: Mapping) -> dict:
@@ -178,14 +179,15 @@ def build_entrypoint(config_arg: str | None, overrides: Sequence[str], run_dir: 
 
 
 def build_submission(config: Path | None, overrides: Sequence[str], run: str, *, root: Path,
-                     environ: Mapping[str, str]) -> Submission:
-    """Everything `wmss submit` sends for run `run`, built and checked without contacting a cluster."""
+                     environ: Mapping[str, str], pip: bool = True) -> Submission:
+    """Everything `wmss submit` sends for run `run`, built and checked without contacting a cluster;
+    `pip=False` sends no pip requirements (see build_runtime_env)."""
     check_run_name(run)
     config_arg = config_argument(config, root) if config is not None else None
     run_dir = run_dir_for(run_root(config, overrides), run)
     return Submission(run=run, run_dir=run_dir,
                       entrypoint=build_entrypoint(config_arg, list(overrides), run_dir),
-                      runtime_env=build_runtime_env(root, environ),
+                      runtime_env=build_runtime_env(root, environ, pip=pip),
                       metadata={RUN_METADATA_KEY: run})
 
 
@@ -242,6 +244,10 @@ def add_submit_arguments(parser) -> None:
                         metavar="KEY=VALUE", help="config overrides, passed to `wmss run` as given")
     parser.add_argument("--wait", action="store_true",
                         help="stream the job's logs, print its final status, exit non-zero unless it SUCCEEDED")
+    parser.add_argument("--runtime-env-pip", action=argparse.BooleanOptionalAction, default=True,
+                        help="send the pinned requirements as the job's pip runtime env (default); with "
+                             "--no-runtime-env-pip the job uses the cluster's Python as is, which saves Ray "
+                             "building a virtualenv per node when the cluster image already has every pin")
 
 
 def add_jobs_arguments(parser) -> None:
@@ -305,7 +311,7 @@ def run_submit(args) -> int:
     try:
         run = check_run_name(args.name) if args.name else default_run_name(args.config)
         submission = build_submission(args.config, args.overrides, run, root=project_root(),
-                                      environ=os.environ)
+                                      environ=os.environ, pip=args.runtime_env_pip)
         address = _cluster_address(args.address)
     except SubmitError as e:
         print(f"wmss submit: error: {e}", file=sys.stderr)
