@@ -37,10 +37,11 @@ def demo_rows() -> list[dict]:
     return training_rows(make_problems(24, seed=7))
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_local():
     """A local Ray with 4 logical CPUs (2 training workers + data tasks fit on 2 cores), shared by every
-    test that asks for it and shut down at the end of the session."""
+    test module that asks for it (started again if a module shut it down) and shut down at the end of the
+    session."""
     import ray
 
     if not ray.is_initialized():

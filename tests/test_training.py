@@ -75,14 +75,8 @@ def test_token_budget_steps_and_schedule():
 
 
 @pytest.fixture(scope="module")
-def sft_reference(tmp_path_factory, tiny_model_dir, demo_rows):
+def sft_reference(tmp_path_factory, tiny_model_dir, demo_rows, ray_local):
     """An uninterrupted SFT run with the resume test's exact settings (2 workers, ZeRO-2)."""
-    import ray
-
-    from tests.conftest import RAY_TMP
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, _temp_dir=RAY_TMP, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
     out = tmp_path_factory.mktemp("sft") / "model"
     train("sft", data=demo_rows, out=out, options=TrainingConfig(**RESUME_FLAGS), model=tiny_model_dir)
     return out
