@@ -495,6 +495,10 @@ def train(mode: str, *, data, out, options: TrainingConfig, model=None, weak=Non
     from wmss.raycluster import ensure_ray
 
     ensure_ray(ray_address)
+    storage = Path(storage_path or out.parent).resolve()
+    checkpoints = storage / f"{out.name}.checkpoints"
+    if any(checkpoints.glob("checkpoint_*")):  # same RunConfig(name, storage_path): Ray Train restores
+        print(f"[wmss] {mode}: resuming from the latest checkpoint in {checkpoints}", flush=True)
     use_gpu = options.gpus_per_worker > 0
     resources = {"CPU": options.cpus_per_worker, **({"GPU": options.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
@@ -503,7 +507,7 @@ def train(mode: str, *, data, out, options: TrainingConfig, model=None, weak=Non
         scaling_config=ScalingConfig(num_workers=options.workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
-            name=f"{out.name}.checkpoints", storage_path=str(Path(storage_path or out.parent).resolve()),
+            name=checkpoints.name, storage_path=str(storage),
             checkpoint_config=CheckpointConfig(num_to_keep=options.keep_checkpoints),
             failure_config=FailureConfig(max_failures=options.max_failures)),
         datasets={"train": ray.data.from_arrow(table)},
