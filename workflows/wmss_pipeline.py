@@ -115,7 +115,7 @@ class Workflow:
             outputs = fn(stage_dir, run)
             run.log_metrics({"wall_s": time.time() - start})
         earlier = old.get("wall_s", 0.0) if run_id else 0.0  # time spent before a resume counts too
-        self.manifest.update(name, status="done", outputs=outputs, wall_s=round(earlier + time.time() - start, 1))
+        self.manifest.update(name, status="done", outputs=outputs, wall_s=round(earlier + time.time() - start, 3))
         print(f"[wmss] {name}: done in {time.time() - start:.0f} s", flush=True)
         return {**outputs, "hash": key}
 
