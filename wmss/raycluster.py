@@ -17,4 +17,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # with the dashboard (Ray's default): Ray Train's placement-group cleaner asks the State API
+        # whether a Train controller is alive; without it, a Tune trial stopped early leaks its workers'
+        # placement group and the next trial waits for those CPUs forever
+        ray.init(num_cpus=num_cpus, log_to_driver=True)

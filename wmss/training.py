@@ -160,9 +160,15 @@ def _loss_module_class():
             return self.model.output_weights() if self.lam is not None else (output_weight(self.model),)
 
         def forward(self, input_ids, attention_mask, labels, scale: float, noise_seed: int,
-                    neftune_alpha: float | None = None, undial_sigma: float | None = None, diagnose: bool = False):
+                    neftune_alpha: float | None = None, undial_sigma: float | None = None, diagnose: bool = False,
+                    strong_only: bool = False):
             rows_mask, targets = predicting_rows(labels)
             gen = torch.Generator(device=input_ids.device).manual_seed(noise_seed)
+            if strong_only:  # validation: the CE of the model that is kept (JTWS: the strong one) alone
+                model = self.model.strong if self.lam is not None else self.model
+                hidden = final_hidden(model, input_ids, attention_mask)[rows_mask]
+                loss = linear_cross_entropy(hidden, self._weights()[-1], targets, reduction="sum")
+                return loss.detach(), loss, {}
             if self.lam is not None:
                 h_weak, h_strong = self.model(input_ids, attention_mask)
                 w_weak, w_strong = self._weights()
@@ -297,6 +303,7 @@ def train_loop_per_worker(job: dict) -> None:
             print(f"[wmss] resumed from step {start_step}/{total}", flush=True)
 
     logger = _MetricLogger(job.get("mlflow"), prefix=job["mode"]) if rank == 0 else None
+    val_every = job["val_every"] or 0  # None: no validation set; 0: validate at the end only
     bar = None
     if rank == 0:
         from ray.experimental.tqdm_ray import tqdm
@@ -336,15 +343,44 @@ def train_loop_per_worker(job: dict) -> None:
             logger.log(metrics, step + 1)
             bar.update(1)
         done = step + 1
+        validate = val_every and done % val_every == 0 and done < total
+        if validate:
+            metrics["val_loss"] = _validation_loss(engine, device, pad_id)
+            if logger is not None:
+                logger.log({"val_loss": metrics["val_loss"]}, done)
         if opts.checkpoint_every and done % opts.checkpoint_every == 0 and done < total:
             with tempfile.TemporaryDirectory(prefix="wmss-ckpt-") as d:
                 engine.save_checkpoint(d, tag=DS_TAG, client_state={"step": done})
                 torch.save(_rng_state(), Path(d) / f"rng_rank{rank}.pt")
                 ray.train.report({"step": done, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(d))
+        elif validate:  # a report without a checkpoint: what Tune's scheduler (ASHA) decides on
+            ray.train.report({"step": done, **metrics}, checkpoint=None)
+    if job["val_every"] is not None:
+        metrics["val_loss"] = _validation_loss(engine, device, pad_id)
+        if logger is not None:
+            logger.log({"val_loss": metrics["val_loss"]}, total)
     _report_final_model(engine, module, job, tokenizer, rank,
                         {"step": total, "final": 1, "trainable_params": trainable, **metrics})
     if bar is not None:
         bar.close()
+
+
+def _validation_loss(engine, device, pad_id: int, batch_rows: int = 8) -> float:
+    """Mean token cross-entropy of the kept model (JTWS: the strong one alone) on the "val" dataset. Every
+    worker evaluates every row: the forwards stay in lock-step, which ZeRO-3's parameter gathering needs."""
+    import ray.train
+    import torch
+
+    sums = torch.zeros(2, dtype=torch.float64)  # loss sum, supervised tokens
+    engine.eval()
+    with torch.no_grad():
+        for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=batch_rows, batch_format="numpy"):
+            rows = [{"input_ids": i, "labels": l} for i, l in zip(batch["input_ids"], batch["labels"])]
+            ids, mask, labels = (t.to(device) for t in collate(rows, pad_id))
+            loss_sum, _, _ = engine(ids, mask, labels, 1.0, noise_seed=0, strong_only=True)
+            sums += torch.tensor([float(loss_sum), float((labels[:, 1:] != IGNORE_INDEX).sum())], dtype=torch.float64)
+    engine.train()
+    return float(sums[0] / max(float(sums[1]), 1.0))
 
 
 def _report_final_model(engine, module, job: dict, tokenizer, rank: int, metrics: dict) -> None:
@@ -410,6 +446,7 @@ class TrainJob:
     strong: str | None = None
     jtws: dict | None = None
     mlflow: dict | None = None
+    val_every: int | None = None  # None: no "val" dataset; 0: validate at the end only
 
 
 def check_model_dir(path, flag: str) -> Path:
@@ -442,9 +479,15 @@ def load_active_set(path) -> dict[str, int]:
 
 def train(mode: str, *, data, out, options: TrainingConfig, model=None, weak=None, strong=None,
           jtws: JTWSConfig | None = None, active: dict[str, int] | None = None, ray_address: str | None = None,
-          mlflow_info: dict | None = None, on_bad_record: str = "error", storage_path=None) -> Path:
+          mlflow_info: dict | None = None, on_bad_record: str = "error", storage_path=None, validation=None,
+          val_every: int = 0, callbacks: list | None = None) -> Path:
     """Train and write the final plain HF checkpoint to `out` (atomically). Resumes from the last
-    checkpoint under `storage_path/<out name>.checkpoints` when one exists. Returns `out`."""
+    checkpoint under `storage_path/<out name>.checkpoints` when one exists; `storage_path` (default: the
+    folder of `out`) may be an object-store URI such as s3://bucket/run/stages/sft. Returns `out`.
+
+    `validation` (records path or rows, formatted like `data`): the kept model's mean token CE on it is
+    reported as `val_loss` every `val_every` optimizer steps (0: only at the end) and in the final metrics.
+    `callbacks` are Ray Train callbacks (e.g. Tune's TuneReportCallback inside a Tune trial)."""
     import pyarrow as pa
 
     from wmss.data import load_records, records_from_rows, tokenize_records
@@ -455,13 +498,17 @@ def train(mode: str, *, data, out, options: TrainingConfig, model=None, weak=Non
     from wmss.models import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
-    if isinstance(data, (str, os.PathLike)):
-        records, _ = load_records(data, on_bad_record=on_bad_record)
-    else:
-        records, _ = records_from_rows(data, "<rows>", on_bad_record=on_bad_record)
+
+    def tokenized(source):
+        if isinstance(source, (str, os.PathLike)):
+            records, _ = load_records(source, on_bad_record=on_bad_record)
+        else:
+            records, _ = records_from_rows(source, "<rows>", on_bad_record=on_bad_record)
+        return tokenize_records(records, tokenizer, options.max_length)
+
     if options.max_length is None:
         raise ValueError("training.max_length is not set")
-    samples, n_cut = tokenize_records(records, tokenizer, options.max_length)
+    samples, n_cut = tokenized(data)
     if active is not None:
         known = {s["id"] for s in samples}
         unknown = sorted(set(active) - known)
@@ -485,7 +532,13 @@ def train(mode: str, *, data, out, options: TrainingConfig, model=None, weak=Non
     job = TrainJob(mode=mode, tokenizer=str(tokenizer_dir), options=options.model_dump(), n_micro=plan.n_micro,
                    step_tokens=plan.step_tokens, model=str(model) if model else None,
                    weak=str(weak) if weak else None, strong=str(strong) if strong else None,
-                   jtws=jtws.model_dump() if jtws else None, mlflow=mlflow_info)
+                   jtws=jtws.model_dump() if jtws else None, mlflow=mlflow_info,
+                   val_every=val_every if validation is not None else None)
+    datasets = {"train": table}
+    if validation is not None:
+        val_samples, _ = tokenized(validation)
+        datasets["val"] = pa.table({"input_ids": [s["input_ids"] for s in val_samples],
+                                    "labels": [s["labels"] for s in val_samples]})
 
     import ray
     import ray.data
@@ -495,10 +548,14 @@ def train(mode: str, *, data, out, options: TrainingConfig, model=None, weak=Non
     from wmss.raycluster import ensure_ray
 
     ensure_ray(ray_address)
-    storage = Path(storage_path or out.parent).resolve()
-    checkpoints = storage / f"{out.name}.checkpoints"
-    if any(checkpoints.glob("checkpoint_*")):  # same RunConfig(name, storage_path): Ray Train restores
+    from wmss.storage import filesystem, is_uri, list_names
+
+    storage = str(storage_path) if storage_path and is_uri(storage_path) else str(Path(storage_path or out.parent).resolve())
+    checkpoints = f"{storage}/{out.name}.checkpoints"
+    if any(name.startswith("checkpoint_") for name in list_names(checkpoints)):  # same RunConfig: Ray Train restores
         print(f"[wmss] {mode}: resuming from the latest checkpoint in {checkpoints}", flush=True)
+    # an object-store URI goes to Ray Train as (filesystem, path): fsspec-only protocols work too
+    storage_fs, storage_in_fs = filesystem(storage) if is_uri(storage) else (None, storage)
     use_gpu = options.gpus_per_worker > 0
     resources = {"CPU": options.cpus_per_worker, **({"GPU": options.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
@@ -507,10 +564,10 @@ def train(mode: str, *, data, out, options: TrainingConfig, model=None, weak=Non
         scaling_config=ScalingConfig(num_workers=options.workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
-            name=checkpoints.name, storage_path=str(storage),
+            name=f"{out.name}.checkpoints", storage_path=storage_in_fs, storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=options.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=options.max_failures)),
-        datasets={"train": ray.data.from_arrow(table)},
+            failure_config=FailureConfig(max_failures=options.max_failures), callbacks=callbacks),
+        datasets={name: ray.data.from_arrow(t) for name, t in datasets.items()},
         # every worker reads the whole (small: token ids only) plan-ordered table and keeps its own rows,
         # so the data order is exactly the plan's and a resume continues at the next unseen sample
         dataset_config=DataConfig(datasets_to_split=[],

@@ -7,10 +7,11 @@
     baselines baseline.*    one more SFT epoch from M_strong (plain / NEFTune / UNDIAL): the equal budget
     evaluate  eval.*        every method's model on the same benchmarks
 
-Every stage records itself in `<run_dir>/manifest.json` (status, hash of its settings and inputs, outputs,
-MLflow run id, wall time). A rerun skips finished stages whose hash is unchanged, resumes an unfinished
-one (training continues from its last checkpoint, scoring from its finished parts) and re-runs a stage
-whose settings or inputs changed, with everything downstream of it (their hashes chain).
+Every stage records itself in `<run_dir>/manifest.json` (status, hash of its settings and inputs, outputs
+with paths relative to the run directory, MLflow run id, wall time). A rerun skips finished stages whose
+hash is unchanged, resumes an unfinished one (training continues from its last checkpoint, scoring from its
+finished parts) and re-runs a stage whose settings or inputs changed, with everything downstream of it
+(their hashes chain). The run directory may be an object-store URI (s3://, gs://: see wmss.storage).
 """
 
 from __future__ import annotations
@@ -23,17 +24,22 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from wmss.config import WMSSConfig, dump_config
+from wmss.config import ConfigError, WMSSConfig, dump_config
 from wmss.io import write_json
+from wmss.storage import RunStore, is_uri
 
 DEMO = "demo"
 
 
 class Manifest:
-    """`manifest.json` of a run directory, rewritten atomically on every change."""
+    """`manifest.json` of a run directory, rewritten atomically on every change (remote: uploaded whole
+    after each change; the remote copy is the truth, a local mirror's copy is read again at start)."""
 
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / "manifest.json"
+    def __init__(self, store: RunStore):
+        self.store, self.path = store, store.local / "manifest.json"
+        if store.uri is not None:
+            self.path.unlink(missing_ok=True)
+            store.pull("manifest.json")
         self.data = json.loads(self.path.read_text()) if self.path.exists() else {"stages": {}}
 
     def stage(self, name: str) -> dict | None:
@@ -45,6 +51,7 @@ class Manifest:
 
     def save(self) -> None:
         write_json(self.path, self.data)
+        self.store.push("manifest.json")
 
 
 def _digest(obj) -> str:
@@ -80,23 +87,53 @@ def fingerprint(path: str) -> str:
 class Workflow:
     """Runs stages against the manifest and the MLflow parent run."""
 
-    def __init__(self, config: WMSSConfig, run_dir: Path, tracker):
-        self.config, self.run_dir, self.tracker = config, run_dir, tracker
-        self.manifest = Manifest(run_dir)
+    def __init__(self, config: WMSSConfig, store: RunStore, tracker, manifest: Manifest):
+        self.config, self.store, self.tracker, self.manifest = config, store, tracker, manifest
+        self.run_dir = store.local  # where stages read and write (a URI run directory's local mirror)
+        self.finished: dict[str, list[str]] = {}  # stage hash -> the finished stage folders it names
+
+    def durable(self, stage_dir: Path) -> str:
+        """Where a stage's training checkpoints live for good (the run directory's URI when it has one)."""
+        return self.store.durable(self.store.relative(stage_dir))
+
+    def fetch(self, *hashes: str) -> None:
+        """Make the finished stages with these hashes (other values: ignored) present in the local folder."""
+        for key in hashes:
+            for rel in self.finished.get(key, []):
+                self.store.fetch(rel, key)
+
+    def _record(self, outputs: dict) -> tuple[dict, list[str]]:
+        """`outputs` as kept in the manifest: paths inside the run directory made relative to it."""
+        paths = {k: self.store.relative(v) for k, v in outputs.items() if isinstance(v, str)}
+        paths = {k: rel for k, rel in paths.items() if rel is not None}
+        return {**outputs, **paths}, sorted(paths)
+
+    def write_text(self, rel: str, text: str) -> None:
+        """Write a run-level file (config.yaml, results.*) atomically, and upload it to a URI run directory."""
+        from wmss.io import atomic_path
+
+        with atomic_path(self.run_dir / rel) as tmp:
+            tmp.write_text(text)
+        self.store.push(rel)
+
+    def _resolve(self, entry: dict) -> dict:
+        return {k: str(self.run_dir / v) if k in entry.get("paths", []) else v for k, v in entry["outputs"].items()}
 
     def stage(self, name: str, settings: dict, inputs: dict[str, str], fn: Callable[[Path, object], dict],
               tags: dict[str, str] | None = None) -> dict:
         """Run `fn(stage_dir, stage_run) -> outputs` unless an identical finished run exists. `inputs` maps
         input names to hashes (upstream stages' hashes or external fingerprints). Returns the outputs, with
         the stage's own hash under "hash"."""
-        key = _digest({"settings": settings, "inputs": inputs})
-        stage_dir = self.run_dir / "stages" / name
+        key = _digest({"stage": name, "settings": settings, "inputs": inputs})
+        rel = f"stages/{name}"
+        stage_dir = self.run_dir / rel
         old = self.manifest.stage(name)
         run_id = None
         if old and old.get("hash") == key:
             if old.get("status") == "done":
                 print(f"[wmss] {name}: finished earlier, skipped", flush=True)
-                return {**old["outputs"], "hash": key}
+                self.finished.setdefault(key, []).append(rel)  # fetched only if a later stage reads it
+                return {**self._resolve(old), "hash": key}
             print(f"[wmss] {name}: unfinished earlier, resuming", flush=True)
             run_id = old.get("mlflow_run_id")
         elif old:
@@ -104,9 +141,10 @@ class Workflow:
                 f"input {k} changed" for k in sorted(set(inputs) | set(old.get("inputs", {})))
                 if inputs.get(k) != old.get("inputs", {}).get(k)]
             print(f"[wmss] {name}: re-running because " + "; ".join(why or ["its inputs changed"]), flush=True)
-            shutil.rmtree(stage_dir, ignore_errors=True)  # stale checkpoints must never be resumed
+            self.store.remove(rel)  # stale checkpoints must never be resumed
         else:
             print(f"[wmss] {name}: running", flush=True)
+        self.fetch(*inputs.values())
         stage_dir.mkdir(parents=True, exist_ok=True)
         start = time.time()
         with self.tracker.stage(name, run_id=run_id, tags={"wmss.stage": name, **(tags or {})}) as run:
@@ -115,7 +153,11 @@ class Workflow:
             outputs = fn(stage_dir, run)
             run.log_metrics({"wall_s": time.time() - start})
         earlier = old.get("wall_s", 0.0) if run_id else 0.0  # time spent before a resume counts too
-        self.manifest.update(name, status="done", outputs=outputs, wall_s=round(earlier + time.time() - start, 3))
+        self.store.seal(rel, key)  # uploaded before the manifest says done
+        self.finished.setdefault(key, []).append(rel)
+        recorded, paths = self._record(outputs)
+        self.manifest.update(name, status="done", outputs=recorded, paths=paths,
+                             wall_s=round(earlier + time.time() - start, 3))
         print(f"[wmss] {name}: done in {time.time() - start:.0f} s", flush=True)
         return {**outputs, "hash": key}
 
@@ -150,11 +192,11 @@ def _train_options(cfg: WMSSConfig, section, **extra):
     return section.model_copy(update={"max_length": section.max_length or cfg.max_length, **extra})
 
 
-def _sft(cfg, data: str, model: str, options, stage_dir: Path, run, active: str | None = None) -> dict:
+def _sft(cfg, data: str, model: str, options, stage_dir: Path, run, storage: str, active: str | None = None) -> dict:
     from wmss.training import load_active_set, train
 
     out = train("sft", data=data, out=stage_dir / "model", options=options, model=model,
-                active=load_active_set(active) if active else None,
+                active=load_active_set(active) if active else None, storage_path=storage,
                 mlflow_info=run.worker_info(), on_bad_record=cfg.data.on_bad_record)
     _log_curves(run)
     return {"model": str(out)}
@@ -207,14 +249,15 @@ def _select(cfg: WMSSConfig, scores: str, stage_dir: Path, run) -> dict:
     return {"active": str(out), "summary": summary}
 
 
-def _jtws(cfg: WMSSConfig, data: str, weak: str, strong: str, active: str | None, stage_dir: Path, run) -> dict:
+def _jtws(cfg: WMSSConfig, data: str, weak: str, strong: str, active: str | None, stage_dir: Path, run,
+          storage: str) -> dict:
     from wmss.config import JTWSConfig
     from wmss.training import load_active_set, train
 
     j = cfg.jtws
     out = train("jtws", data=data, out=stage_dir / "model", options=_train_options(cfg, j.training), weak=weak,
                 strong=strong, jtws=JTWSConfig(lam=j.lam, freeze_weak=j.freeze_weak),
-                active=load_active_set(active) if active else None,
+                active=load_active_set(active) if active else None, storage_path=storage,
                 mlflow_info=run.worker_info(), on_bad_record=cfg.data.on_bad_record)
     _log_curves(run)
     return {"model": str(out)}
@@ -233,18 +276,28 @@ def _evaluate(cfg: WMSSConfig, model: str, heldout: str | None, stage_dir: Path,
 # ------------------------------------------------------------------------------------------- the driver
 
 
-def open_workflow(cfg: WMSSConfig, run_dir: Path) -> Workflow:
+def run_location(cfg: WMSSConfig, run_dir: str | None) -> str:
+    """The run directory: `--run-dir`, else the config's run_dir, else runs/<name>; local paths absolute."""
+    target = run_dir or cfg.run_dir or str(Path("runs") / cfg.name)
+    return target if is_uri(target) else str(Path(target).resolve())
+
+
+def open_workflow(cfg: WMSSConfig, run_dir: str | os.PathLike) -> Workflow:
     """Open (or resume) the run directory's MLflow parent run, log the config's params once, write
     `config.yaml` and join Ray: what every driver (`wmss run`, `wmss tune`) does before its stages."""
     from wmss.raycluster import ensure_ray
     from wmss.tracking import Tracker, flatten, git_sha, resolve_tracking_uri
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(run_dir)
+    if is_uri(run_dir) and not (cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        raise ConfigError(f"mlflow.tracking_uri: not set, and the run directory {run_dir} is on object storage, "
+                          "where the default SQLite store cannot live; set mlflow.tracking_uri (or "
+                          "MLFLOW_TRACKING_URI) to a tracking server, e.g. http://mlflow:5000")
+    store = RunStore(run_dir)
+    manifest = Manifest(store)
     data_src = cfg.data.train
-    tracker = Tracker(resolve_tracking_uri(cfg.mlflow.tracking_uri, run_dir), cfg.mlflow.experiment, cfg.name,
+    tracker = Tracker(resolve_tracking_uri(cfg.mlflow.tracking_uri, store.local), cfg.mlflow.experiment, cfg.name,
                       parent_run_id=manifest.data.get("mlflow_parent_run_id"),
-                      tags={"wmss.git_sha": git_sha() or "unknown", "wmss.run_dir": str(run_dir),
+                      tags={"wmss.git_sha": git_sha() or "unknown", "wmss.run_dir": str(store),
                             "wmss.data_hash": data_src if data_src == DEMO else fingerprint(data_src)})
     manifest.data["mlflow_parent_run_id"] = tracker.parent_run_id
     manifest.save()
@@ -252,15 +305,16 @@ def open_workflow(cfg: WMSSConfig, run_dir: Path) -> Workflow:
         tracker.log_params(flatten(cfg.model_dump(mode="json")))
         manifest.data["params_logged"] = True
         manifest.save()
-    resolved = run_dir / "config.yaml"
-    resolved.write_text(dump_config(cfg))
-    tracker.log_artifact(resolved)
+    wf = Workflow(cfg, store, tracker, manifest)
+    wf.write_text("config.yaml", dump_config(cfg))
+    tracker.log_artifact(store.local / "config.yaml")
     ensure_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus)
-    return Workflow(cfg, run_dir, tracker)
+    return wf
 
 
-def run_workflow(cfg: WMSSConfig, run_dir: Path) -> dict:
-    """Run (or resume) the whole workflow in `run_dir`; returns {method: {benchmark: accuracy}}."""
+def run_workflow(cfg: WMSSConfig, run_dir: str | os.PathLike) -> dict:
+    """Run (or resume) the whole workflow in `run_dir` (a folder or an object-store URI); writes
+    results.txt / results.json there and returns {method: {benchmark: accuracy}}."""
     wf = open_workflow(cfg, run_dir)
     tracker, manifest = wf.tracker, wf.manifest
     try:
@@ -270,9 +324,9 @@ def run_workflow(cfg: WMSSConfig, run_dir: Path) -> dict:
         raise
     from wmss.tracking import results_figure
 
-    table = run_dir / "results.txt"
-    table.write_text(format_results(results) + "\n")
-    for path in (table, manifest.path):
+    wf.write_text("results.txt", format_results(results) + "\n")
+    wf.write_text("results.json", json.dumps(results, indent=2, sort_keys=True) + "\n")
+    for path in (wf.run_dir / "results.txt", manifest.path):
         tracker.log_artifact(path)
     tracker.log_figure(results_figure(results), "results")
     tracker.finish()
@@ -302,7 +356,7 @@ def shared_inputs(cfg: WMSSConfig, wf: Workflow) -> dict:
     else:
         sft_opts = _train_options(cfg, cfg.sft)
         phase1 = wf.stage("sft", {"training": sft_opts.model_dump()}, {"data": data_hash, "base": base_hash},
-                          lambda d, r: _sft(cfg, data, base, sft_opts, d, r))
+                          lambda d, r: _sft(cfg, data, base, sft_opts, d, r, wf.durable(d)))
         strong, strong_hash = phase1["model"], phase1["hash"]
     weak, weak_hash = (resolve_model(cfg.models.weak), fingerprint(resolve_model(cfg.models.weak))) if cfg.models.weak \
         else (base, base_hash)
@@ -335,7 +389,8 @@ def _run_stages(cfg: WMSSConfig, wf: Workflow) -> dict:
                           lambda d, r: _select(cfg, scored["scores"], d, r))
         trained = wf.stage(f"r{k}.jtws", {"jtws": cfg.jtws.model_dump(), "max_length": cfg.max_length},
                            {**pair, "active": chosen["hash"]},
-                           lambda d, r: _jtws(cfg, data, round_weak[0], round_strong[0], chosen["active"], d, r))
+                           lambda d, r: _jtws(cfg, data, round_weak[0], round_strong[0], chosen["active"], d, r,
+                                              wf.durable(d)))
         chosen_rounds.append(chosen)
         round_weak, round_strong = round_strong, (trained["model"], trained["hash"])
     models["wmss"] = round_strong
@@ -347,7 +402,8 @@ def _run_stages(cfg: WMSSConfig, wf: Workflow) -> dict:
         inputs = {"data": data_hash, "strong": strong_hash}
         if method == "jtws-only":  # joint training on all the data, no curriculum
             done = wf.stage(f"baseline.{method}", {"jtws": cfg.jtws.model_dump(), "max_length": cfg.max_length},
-                            {**inputs, "weak": weak_hash}, lambda d, r: _jtws(cfg, data, weak, strong, None, d, r))
+                            {**inputs, "weak": weak_hash},
+                            lambda d, r: _jtws(cfg, data, weak, strong, None, d, r, wf.durable(d)))
         else:
             noise = {"neftune": {"neftune_alpha": b.neftune_alpha}, "undial": {"undial_sigma": b.undial_sigma}}.get(method, {})
             opts = _train_options(cfg, cfg.sft, **noise)
@@ -355,7 +411,8 @@ def _run_stages(cfg: WMSSConfig, wf: Workflow) -> dict:
             if active:
                 inputs["active"] = first_active["hash"]
             done = wf.stage(f"baseline.{method}", {"training": opts.model_dump()}, inputs,
-                            lambda d, r, opts=opts, active=active: _sft(cfg, data, strong, opts, d, r, active))
+                            lambda d, r, opts=opts, active=active: _sft(cfg, data, strong, opts, d, r,
+                                                                        wf.durable(d), active))
         models[method] = (done["model"], done["hash"])
 
     # evaluate every method's model on the same problems
@@ -399,11 +456,10 @@ def run_cli(args) -> int:
     from wmss.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    target = Path(args.run_dir or cfg.run_dir or Path("runs") / cfg.name).resolve()
+    target = run_location(cfg, args.run_dir)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     start = time.time()
     results = run_workflow(cfg, target)
     print(f"\n[wmss] results (accuracy %, delta vs sft) — run dir {target}, {time.time() - start:.0f} s")
     print(format_results(results))
-    write_json(target / "results.json", results)
     return 0
