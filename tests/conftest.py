@@ -29,6 +29,9 @@ S3_PORT = _free_port()
 os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "AWS_ACCESS_KEY_ID": "wmss-test",
                    "AWS_SECRET_ACCESS_KEY": "wmss-test", "AWS_DEFAULT_REGION": "us-east-1",
                    "AWS_EC2_METADATA_DISABLED": "true"})
+# The node cache of the tests' Ray workers (and of drivers that do not set their own): a driver given another
+# WMSS_CACHE stands for a second machine, whose mirror of an object-store run directory the workers lack.
+os.environ.setdefault("WMSS_CACHE", tempfile.mkdtemp(prefix="wmss-cache-"))
 
 
 @pytest.fixture(scope="session")

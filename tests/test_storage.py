@@ -1,7 +1,8 @@
 """Run directories on object storage, against a real S3-compatible server (moto, on 127.0.0.1): the store's
 upload/download/seal rules, then `wmss run --run-dir s3://...` killed during Phase 3 and resumed from a
 fresh local mirror (another machine): the finished stages are fetched from S3, JTWS resumes from the
-checkpoints Ray Train wrote to S3, and the run ends with its results in the bucket."""
+checkpoints Ray Train wrote to S3, the Ray workers (whose WMSS_CACHE differs from the driver's, as another
+node's would) fetch the models themselves, and the run ends with its results in the bucket."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from wmss.storage import SEAL, RunStore, filesystem, is_uri, list_names
+from wmss.storage import SEAL, Localizer, RunStore, filesystem, is_uri, list_names, localize
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -65,6 +66,20 @@ def test_s3_store_uploads_sealed_folders_and_fetches_only_matching_ones(tmp_path
     other.remove("stages/x")
     assert _s3_names(uri) == {f"stages/flat/{SEAL}", "stages/flat/train.jsonl"}
     assert not (other.local / "stages" / "x").exists()
+
+
+def test_localizer_gives_a_worker_its_own_nodes_copy(tmp_path, s3_bucket, monkeypatch):
+    uri = f"s3://{s3_bucket}/runs/two"
+    driver = RunStore(uri, mirror=tmp_path / "driver")
+    (driver.local / "stages" / "sft" / "model").mkdir(parents=True)
+    (driver.local / "stages" / "sft" / "model" / "config.json").write_text("{}")
+    driver.seal("stages/sft", "k1")
+    localizer = Localizer(uri, str(driver.local), (("stages/sft", "k1"),))
+    monkeypatch.setenv("WMSS_CACHE", str(tmp_path / "worker-node"))  # what a worker on another node has
+    local = Path(localize(localizer, str(driver.local / "stages/sft/model")))
+    assert local.is_relative_to(tmp_path / "worker-node") and (local / "config.json").read_text() == "{}"
+    assert localize(localizer, "/models/base") == "/models/base" and localize(None, "x") == "x"
+    assert localizer.remote(str(driver.local / "stages/sft/model")) == f"{uri}/stages/sft/model"
 
 
 def test_local_store_is_its_own_copy(tmp_path):
@@ -128,11 +143,17 @@ def test_workflow_on_s3_resumes_on_another_machine(tmp_path, s3_bucket, ray_loca
     out = second_log.read_text()
     for stage in ("demo.data", "demo.base", "sft", "r1.score", "r1.select"):
         assert f"[wmss] {stage}: finished earlier, skipped" in out
-    # what JTWS reads came down from S3; nothing else did
-    fetched = {line.split(f"{uri}/", 1)[1].strip() for line in out.splitlines() if "[wmss] fetched " in line}
+    # the driver fetched what JTWS reads from S3, nothing else (workers print their own fetches, prefixed)
+    fetched = {line.split(f"{uri}/", 1)[1].strip() for line in out.splitlines() if line.startswith("[wmss] fetched ")}
     assert fetched == {"stages/demo.data", "stages/demo.base", "stages/sft", "stages/r1.select"}, out[-3000:]
     assert "[wmss] r1.jtws: unfinished earlier, resuming" in out
     assert f"[wmss] jtws: resuming from the latest checkpoint in {uri}/stages/r1.jtws/model.checkpoints" in out
+
+    # the Ray workers (another WMSS_CACHE: another machine) fetched the models into their own mirror
+    workers = RunStore(uri).local
+    assert workers != (tmp_path / "machine-b").resolve() / "runs" / workers.name
+    for model in ("stages/demo.base/model", "stages/sft/model"):
+        assert (workers / model / "model.safetensors").is_file()
 
     names = _s3_names(uri)
     assert {"manifest.json", "config.yaml", "results.json", "results.txt", f"stages/r1.jtws/{SEAL}",

@@ -154,3 +154,24 @@ def test_comparison_workflow_adds_baselines_and_ablations(finished_run):
     parent = json.loads((run_dir / "manifest.json").read_text())["mlflow_parent_run_id"]
     client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
     assert "plots/results.png" in {a.path for a in client.list_artifacts(parent, "plots")}
+
+
+def test_given_models_and_data_need_no_earlier_stage(tmp_path, tiny_model_dir, demo_rows, ray_local):
+    """models.base / models.strong / data.train given as paths: no demo or Phase-1 stage runs, and their
+    fingerprints are what later stages hash."""
+    from wmss.config import load_config
+    from workflows.wmss_pipeline import fingerprint, open_workflow, shared_inputs
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in demo_rows))
+    cfg = load_config(None, [f"models.base={tiny_model_dir}", f"models.strong={tiny_model_dir}",
+                             f"data.train={data}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    wf = open_workflow(cfg, tmp_path / "run")
+    try:
+        shared = shared_inputs(cfg, wf)
+    finally:
+        wf.tracker.finish()
+    assert shared["strong"] == (str(tiny_model_dir), fingerprint(str(tiny_model_dir)))
+    assert shared["weak"] == shared["base"] == shared["strong"] and shared["heldout"] is None
+    assert shared["data"] == (str(data), fingerprint(str(data)))
+    assert wf.manifest.data["stages"] == {}

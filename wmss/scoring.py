@@ -162,6 +162,7 @@ class ScoringJob:
     prompt_lengths: np.ndarray  # tokens before the completion; labels are the tokens from there on
     n_completion_tokens: np.ndarray
     key: str
+    localizer: object = None  # wmss.storage.Localizer: actors on other nodes fetch the models (None: shared paths)
 
     @property
     def columns(self) -> list[str]:
@@ -323,15 +324,17 @@ def _job_key(job: ScoringJob) -> str:
 def score_entropy(models: dict[str, str | os.PathLike], data: str | os.PathLike | Sequence[Record],
                   out: str | os.PathLike, *, backend: str = "torch", max_length: int | None = None,
                   actors: tuple[int, int] = (1, 1), gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0,
-                  top_k: int = 20, token_budget: int = DEFAULT_TOKEN_BUDGET, ray_address: str | None = None) -> Path:
+                  top_k: int = 20, token_budget: int = DEFAULT_TOKEN_BUDGET, ray_address: str | None = None,
+                  localizer=None) -> Path:
     """Score every sample of `data` with every model of `models` ({"weak": dir, "strong": dir} or one
     {name: dir}) and write `out`: `id`, `n_completion_tokens`, `entropy_<name>` per model (+
     `entropy_<name>_lower` / `_upper` with the vLLM backend), one row per input sample in input order.
     Arguments are validated before Ray is joined or started (`ray_address`, see wmss.raycluster). See the
-    module docstring for batching and resume. Returns `out`."""
+    module docstring for batching and resume; `localizer`: see ScoringJob. Returns `out`."""
     job = prepare_scoring(models, data, out, backend=backend, max_length=max_length, actors=actors,
                           gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, top_k=top_k,
                           token_budget=token_budget)
+    job.localizer = localizer
     return run_scoring(job, ray_address=ray_address)
 
 
@@ -411,9 +414,9 @@ def scorer_udf(job: ScoringJob, spec: ModelSpec, max_model_len: int) -> tuple[ty
     """The class UDF that scores `spec`'s model in `job` and its constructor arguments; `max_model_len` is
     the longest sample + 1 (vLLM generates one token)."""
     if job.backend == "torch":
-        return TorchScorer, {"model_dir": str(spec.path), "name": spec.name,
+        return TorchScorer, {"model_dir": str(spec.path), "name": spec.name, "localizer": job.localizer,
                              "device": "cuda" if job.gpus_per_actor > 0 else "cpu"}
-    return VllmScorer, {"model_dir": str(spec.path), "name": spec.name, "top_k": spec.top_k,
+    return VllmScorer, {"model_dir": str(spec.path), "name": spec.name, "top_k": spec.top_k, "localizer": job.localizer,
                         "vocab_size": spec.vocab_size, "dtype": spec.dtype, "max_model_len": max_model_len,
                         "gpus": job.gpus_per_actor,
                         "cpu_kv_cache_bytes": spec.kv_bytes_per_token * 2 * max(job.token_budget, max_model_len)}
@@ -422,10 +425,11 @@ def scorer_udf(job: ScoringJob, spec: ModelSpec, max_model_len: int) -> tuple[ty
 class TorchScorer:
     """Ray Data class UDF: exact entropies of one model for each packed batch (torch backend)."""
 
-    def __init__(self, model_dir: str, name: str, device: str):
+    def __init__(self, model_dir: str, name: str, device: str, localizer=None):
         from wmss.models import load_causal_lm, output_weight
+        from wmss.storage import localize
 
-        self.model = load_causal_lm(model_dir, dtype=torch.float32, device=device).eval()
+        self.model = load_causal_lm(localize(localizer, model_dir), dtype=torch.float32, device=device).eval()
         self.weight = output_weight(self.model)
         self.column, self.device = f"entropy_{name}", device
 
@@ -443,8 +447,12 @@ class VllmScorer:
     """Ray Data class UDF: top-K entropy estimates and bounds of one model per packed batch (vLLM backend)."""
 
     def __init__(self, model_dir: str, name: str, top_k: int, vocab_size: int, dtype: str, max_model_len: int,
-                 gpus: float, cpu_kv_cache_bytes: int):
+                 gpus: float, cpu_kv_cache_bytes: int, localizer=None):
         from vllm import LLM, SamplingParams
+
+        from wmss.storage import localize
+
+        model_dir = localize(localizer, model_dir)
 
         # -1 asks vLLM for the whole vocabulary; a top-K of V itself is refused by its max_logprobs check
         request = -1 if top_k >= vocab_size else top_k

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 SEAL = ".wmss-finished"  # in a finished stage folder: the stage's hash
@@ -57,8 +58,8 @@ class RunStore:
 
             self.uri = str(location).rstrip("/")
             self.fs, self.root = filesystem(self.uri)
-            digest = hashlib.sha256(self.uri.encode()).hexdigest()[:16]
-            self.local = Path(mirror or cache_root() / "runs" / digest).resolve()
+            self.local = Path(mirror or cache_root() / "runs" / hashlib.sha256(self.uri.encode()).hexdigest()[:16])
+            self.local = self.local.resolve()
         else:
             self.uri, self.fs, self.root = None, None, None
             self.local = Path(str(location).removeprefix("file://")).resolve()
@@ -151,6 +152,47 @@ class RunStore:
             self.fs.delete_dir(f"{self.root}/{rel}")
         elif kind == pafs.FileType.File:
             self.fs.delete_file(f"{self.root}/{rel}")
+
+
+@dataclass(frozen=True)
+class Localizer:
+    """Turns a path in the driver's mirror of a URI run directory into the same path in this node's mirror,
+    downloading the finished stage folder it lies in first (once per node: a file lock serialises the
+    workers). Ray workers get one with their job, since on another node the driver's folder does not exist."""
+
+    uri: str
+    driver_root: str
+    stages: tuple[tuple[str, str], ...]  # (stage folder, hash) of every finished stage
+
+    def _relative(self, path) -> str | None:
+        try:
+            return Path(path).relative_to(self.driver_root).as_posix()
+        except ValueError:
+            return None
+
+    def __call__(self, path):
+        """The local path to read `path` from on this node (paths outside the run directory: unchanged)."""
+        rel = self._relative(path) if path is not None else None
+        if rel is None:
+            return path
+        from filelock import FileLock
+
+        store = RunStore(self.uri)
+        with FileLock(f"{store.local}.lock"):
+            for stage, key in self.stages:
+                if rel == stage or rel.startswith(f"{stage}/"):
+                    store.fetch(stage, key)
+        return str(store.local / rel)
+
+    def remote(self, path) -> str:
+        """The object-store URI of `path` (for readers that download by themselves, e.g. Ray Data LLM)."""
+        rel = self._relative(path)
+        return path if rel is None else f"{self.uri}/{rel}"
+
+
+def localize(localizer: Localizer | None, path):
+    """`localizer(path)`, or `path` itself where there is no localizer (a local or shared run directory)."""
+    return localizer(path) if localizer is not None else path
 
 
 def list_names(location: str | os.PathLike) -> list[str]:

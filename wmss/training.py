@@ -261,7 +261,10 @@ def train_loop_per_worker(job: dict) -> None:
     import ray.train
 
     from wmss.models import WeakStrongPair, load_causal_lm, load_tokenizer
+    from wmss.storage import Localizer, localize
 
+    localizer = Localizer(**job["localizer"]) if job["localizer"] else None
+    job = {**job, **{k: localize(localizer, job[k]) for k in ("tokenizer", "model", "weak", "strong")}}
     opts = TrainingConfig(**job["options"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -447,6 +450,7 @@ class TrainJob:
     jtws: dict | None = None
     mlflow: dict | None = None
     val_every: int | None = None  # None: no "val" dataset; 0: validate at the end only
+    localizer: dict | None = None  # wmss.storage.Localizer's fields: models of an object-store run directory
 
 
 def check_model_dir(path, flag: str) -> Path:
@@ -480,14 +484,16 @@ def load_active_set(path) -> dict[str, int]:
 def train(mode: str, *, data, out, options: TrainingConfig, model=None, weak=None, strong=None,
           jtws: JTWSConfig | None = None, active: dict[str, int] | None = None, ray_address: str | None = None,
           mlflow_info: dict | None = None, on_bad_record: str = "error", storage_path=None, validation=None,
-          val_every: int = 0, callbacks: list | None = None) -> Path:
+          val_every: int = 0, callbacks: list | None = None, localizer=None) -> Path:
     """Train and write the final plain HF checkpoint to `out` (atomically). Resumes from the last
     checkpoint under `storage_path/<out name>.checkpoints` when one exists; `storage_path` (default: the
     folder of `out`) may be an object-store URI such as s3://bucket/run/stages/sft. Returns `out`.
 
     `validation` (records path or rows, formatted like `data`): the kept model's mean token CE on it is
     reported as `val_loss` every `val_every` optimizer steps (0: only at the end) and in the final metrics.
-    `callbacks` are Ray Train callbacks (e.g. Tune's TuneReportCallback inside a Tune trial)."""
+    `callbacks` are Ray Train callbacks (e.g. Tune's TuneReportCallback inside a Tune trial). `localizer`
+    (wmss.storage.Localizer) lets workers on other nodes fetch models that lie in an object-store run
+    directory's local mirror."""
     import pyarrow as pa
 
     from wmss.data import load_records, records_from_rows, tokenize_records
@@ -533,7 +539,8 @@ def train(mode: str, *, data, out, options: TrainingConfig, model=None, weak=Non
                    step_tokens=plan.step_tokens, model=str(model) if model else None,
                    weak=str(weak) if weak else None, strong=str(strong) if strong else None,
                    jtws=jtws.model_dump() if jtws else None, mlflow=mlflow_info,
-                   val_every=val_every if validation is not None else None)
+                   val_every=val_every if validation is not None else None,
+                   localizer=asdict(localizer) if localizer else None)
     datasets = {"train": table}
     if validation is not None:
         val_samples, _ = tokenized(validation)

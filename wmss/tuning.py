@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from wmss.config import ConfigError, TrainingConfig, TuneConfig, WMSSConfig, dump_config
-from wmss.storage import RunStore
+from wmss.storage import Localizer, RunStore
 
 TUNE_DIR = "tune"  # the Tuner's experiment folder inside the run directory
 TRIALS_DIR = "trials"  # each trial's active set and model, by trial id
@@ -84,6 +84,8 @@ def run_trial(params: dict, setup: dict) -> None:
     store = RunStore(setup["run_dir"])  # on this trial's node: a URI run directory's local mirror
     for rel, key in setup["fetch"]:  # the shared stages' outputs, downloaded once per node
         store.fetch(rel, key)
+    # and for its training workers, wherever they run
+    localizer = Localizer(store.uri, str(store.local), tuple(map(tuple, setup["fetch"]))) if store.uri else None
     paths = {name: str(store.local / rel) if inside else rel for name, (rel, inside) in setup["paths"].items()}
     trial = f"{TRIALS_DIR}/{ray.tune.get_context().get_trial_id()}"
     c = cfg.ceda
@@ -94,7 +96,7 @@ def run_trial(params: dict, setup: dict) -> None:
           options=_train_options(cfg, cfg.jtws.training), weak=paths["weak"], strong=paths["strong"],
           jtws=JTWSConfig(lam=cfg.jtws.lam, freeze_weak=cfg.jtws.freeze_weak), active=load_active_set(active),
           on_bad_record=cfg.data.on_bad_record, validation=setup["validation"], val_every=cfg.tune.val_every,
-          callbacks=[TuneReportCallback()])
+          callbacks=[TuneReportCallback()], localizer=localizer)
 
 
 def _validation_source(cfg: WMSSConfig, heldout: str | None):

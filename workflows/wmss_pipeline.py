@@ -22,6 +22,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from wmss.config import ConfigError, WMSSConfig, dump_config
@@ -84,6 +85,16 @@ def fingerprint(path: str) -> str:
     return f"id:{path}"
 
 
+@dataclass
+class StageContext:
+    """What a stage function gets: its folder, its MLflow run, and where its outputs live for good."""
+
+    dir: Path  # where the stage writes (a URI run directory's local mirror)
+    run: object  # its nested MLflow run (wmss.tracking.StageRun)
+    storage: str  # where its training checkpoints go: this folder, or its URI in an object-store run dir
+    localizer: object  # wmss.storage.Localizer for Ray workers reading earlier outputs (None: local run dir)
+
+
 class Workflow:
     """Runs stages against the manifest and the MLflow parent run."""
 
@@ -92,9 +103,14 @@ class Workflow:
         self.run_dir = store.local  # where stages read and write (a URI run directory's local mirror)
         self.finished: dict[str, list[str]] = {}  # stage hash -> the finished stage folders it names
 
-    def durable(self, stage_dir: Path) -> str:
-        """Where a stage's training checkpoints live for good (the run directory's URI when it has one)."""
-        return self.store.durable(self.store.relative(stage_dir))
+    def localizer(self):
+        """What Ray workers on other nodes need to read this run's finished outputs (None: local run dir)."""
+        from wmss.storage import Localizer
+
+        if self.store.uri is None:
+            return None
+        stages = tuple((rel, key) for key, rels in self.finished.items() for rel in rels)
+        return Localizer(self.store.uri, str(self.store.local), stages)
 
     def fetch(self, *hashes: str) -> None:
         """Make the finished stages with these hashes (other values: ignored) present in the local folder."""
@@ -119,9 +135,9 @@ class Workflow:
     def _resolve(self, entry: dict) -> dict:
         return {k: str(self.run_dir / v) if k in entry.get("paths", []) else v for k, v in entry["outputs"].items()}
 
-    def stage(self, name: str, settings: dict, inputs: dict[str, str], fn: Callable[[Path, object], dict],
+    def stage(self, name: str, settings: dict, inputs: dict[str, str], fn: Callable[[StageContext], dict],
               tags: dict[str, str] | None = None) -> dict:
-        """Run `fn(stage_dir, stage_run) -> outputs` unless an identical finished run exists. `inputs` maps
+        """Run `fn(StageContext) -> outputs` unless an identical finished run exists. `inputs` maps
         input names to hashes (upstream stages' hashes or external fingerprints). Returns the outputs, with
         the stage's own hash under "hash"."""
         key = _digest({"stage": name, "settings": settings, "inputs": inputs})
@@ -150,7 +166,7 @@ class Workflow:
         with self.tracker.stage(name, run_id=run_id, tags={"wmss.stage": name, **(tags or {})}) as run:
             self.manifest.update(name, status="running", hash=key, settings=settings, inputs=inputs,
                                  mlflow_run_id=run.run_id, outputs={})
-            outputs = fn(stage_dir, run)
+            outputs = fn(StageContext(stage_dir, run, self.store.durable(rel), self.localizer()))
             run.log_metrics({"wall_s": time.time() - start})
         earlier = old.get("wall_s", 0.0) if run_id else 0.0  # time spent before a resume counts too
         self.store.seal(rel, key)  # uploaded before the manifest says done
@@ -165,40 +181,40 @@ class Workflow:
 # ----------------------------------------------------------------------------------------- the stages
 
 
-def _demo_base(cfg: WMSSConfig, stage_dir: Path, run) -> dict:
+def _demo_base(cfg: WMSSConfig, stage: StageContext) -> dict:
     from wmss.models import make_tiny_model, pretrain_lm
     from wmss.synthetic import corpus_lines
 
     d = cfg.demo
-    init = make_tiny_model(stage_dir / "init", seed=d.seed, layers=d.layers, hidden=d.hidden, heads=d.hidden // 64)
-    model = pretrain_lm(init, corpus_lines(2000, d.seed + 1), stage_dir / "model", steps=d.pretrain_steps,
+    init = make_tiny_model(stage.dir / "init", seed=d.seed, layers=d.layers, hidden=d.hidden, heads=d.hidden // 64)
+    model = pretrain_lm(init, corpus_lines(2000, d.seed + 1), stage.dir / "model", steps=d.pretrain_steps,
                         lr=d.pretrain_lr, seed=d.seed)
     shutil.rmtree(init)
     return {"model": str(model)}
 
 
-def _demo_data(cfg: WMSSConfig, stage_dir: Path, run) -> dict:
+def _demo_data(cfg: WMSSConfig, stage: StageContext) -> dict:
     from wmss.synthetic import make_splits, training_rows
 
     train, heldout = make_splits(cfg.demo.n_train, cfg.demo.n_eval, cfg.demo.seed)
     rows = training_rows(train)
-    path = stage_dir / "train.jsonl"
+    path = stage.dir / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (stage_dir / "heldout.json").write_text(json.dumps(heldout))
-    return {"train": str(path), "heldout": str(stage_dir / "heldout.json")}
+    (stage.dir / "heldout.json").write_text(json.dumps(heldout))
+    return {"train": str(path), "heldout": str(stage.dir / "heldout.json")}
 
 
 def _train_options(cfg: WMSSConfig, section, **extra):
     return section.model_copy(update={"max_length": section.max_length or cfg.max_length, **extra})
 
 
-def _sft(cfg, data: str, model: str, options, stage_dir: Path, run, storage: str, active: str | None = None) -> dict:
+def _sft(cfg, data: str, model: str, options, stage: StageContext, active: str | None = None) -> dict:
     from wmss.training import load_active_set, train
 
-    out = train("sft", data=data, out=stage_dir / "model", options=options, model=model,
-                active=load_active_set(active) if active else None, storage_path=storage,
-                mlflow_info=run.worker_info(), on_bad_record=cfg.data.on_bad_record)
-    _log_curves(run)
+    out = train("sft", data=data, out=stage.dir / "model", options=options, model=model,
+                active=load_active_set(active) if active else None, storage_path=stage.storage,
+                localizer=stage.localizer, mlflow_info=stage.run.worker_info(), on_bad_record=cfg.data.on_bad_record)
+    _log_curves(stage.run)
     return {"model": str(out)}
 
 
@@ -210,24 +226,24 @@ def _log_curves(run) -> None:
         run.log_figure(training_curves(history), "training_curves")
 
 
-def _score(cfg: WMSSConfig, data: str, weak: str, strong: str, stage_dir: Path, run) -> dict:
+def _score(cfg: WMSSConfig, data: str, weak: str, strong: str, stage: StageContext) -> dict:
     import pyarrow.parquet as pq
 
     from wmss.scoring import score_entropy
 
     s = cfg.scoring
-    out = score_entropy({"weak": weak, "strong": strong}, data, stage_dir / "scores.parquet", backend=s.backend,
+    out = score_entropy({"weak": weak, "strong": strong}, data, stage.dir / "scores.parquet", backend=s.backend,
                         max_length=cfg.max_length, actors=(s.actors.min, s.actors.max),
                         gpus_per_actor=s.gpus_per_actor, cpus_per_actor=s.cpus_per_actor, top_k=s.top_k,
-                        token_budget=s.token_budget)
+                        token_budget=s.token_budget, localizer=stage.localizer)
     table = pq.read_table(out)
     for name in ("entropy_weak", "entropy_strong"):
         col = table.column(name).to_numpy()
-        run.log_metrics({f"{name}/mean": float(col.mean()), f"{name}/std": float(col.std())})
+        stage.run.log_metrics({f"{name}/mean": float(col.mean()), f"{name}/std": float(col.std())})
     return {"scores": str(out)}
 
 
-def _select(cfg: WMSSConfig, scores: str, stage_dir: Path, run) -> dict:
+def _select(cfg: WMSSConfig, scores: str, stage: StageContext) -> dict:
     import numpy as np
     import pyarrow.parquet as pq
 
@@ -236,40 +252,40 @@ def _select(cfg: WMSSConfig, scores: str, stage_dir: Path, run) -> dict:
     from wmss.tracking import entropy_scatter, weight_histogram
 
     c = cfg.ceda
-    out = stage_dir / "active.parquet"
+    out = stage.dir / "active.parquet"
     summary = select_active_set(scores, out, alpha=c.alpha, beta=c.beta, gamma=c.gamma, formula=c.formula,
                                 multiplier=c.multiplier, seed=c.seed, dedup=c.dedup)
-    run.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    stage.run.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     table = pq.read_table(scores)
     hw, hs = table.column("entropy_weak").to_numpy(), table.column("entropy_strong").to_numpy()
     chosen = set(pq.read_table(out).column("id").to_pylist())
     selected = np.array([i in chosen for i in table.column("id").to_pylist()])
-    run.log_figure(entropy_scatter(hw, hs, selected), "entropy_scatter")
-    run.log_figure(weight_histogram(sampling_weights(hw, hs, c.alpha, c.beta, c.gamma, c.formula)), "sampling_weights")
+    stage.run.log_figure(entropy_scatter(hw, hs, selected), "entropy_scatter")
+    stage.run.log_figure(weight_histogram(sampling_weights(hw, hs, c.alpha, c.beta, c.gamma, c.formula)), "sampling_weights")
     return {"active": str(out), "summary": summary}
 
 
-def _jtws(cfg: WMSSConfig, data: str, weak: str, strong: str, active: str | None, stage_dir: Path, run,
-          storage: str) -> dict:
+def _jtws(cfg: WMSSConfig, data: str, weak: str, strong: str, active: str | None, stage: StageContext) -> dict:
     from wmss.config import JTWSConfig
     from wmss.training import load_active_set, train
 
     j = cfg.jtws
-    out = train("jtws", data=data, out=stage_dir / "model", options=_train_options(cfg, j.training), weak=weak,
+    out = train("jtws", data=data, out=stage.dir / "model", options=_train_options(cfg, j.training), weak=weak,
                 strong=strong, jtws=JTWSConfig(lam=j.lam, freeze_weak=j.freeze_weak),
-                active=load_active_set(active) if active else None, storage_path=storage,
-                mlflow_info=run.worker_info(), on_bad_record=cfg.data.on_bad_record)
-    _log_curves(run)
+                active=load_active_set(active) if active else None, storage_path=stage.storage,
+                localizer=stage.localizer, mlflow_info=stage.run.worker_info(), on_bad_record=cfg.data.on_bad_record)
+    _log_curves(stage.run)
     return {"model": str(out)}
 
 
-def _evaluate(cfg: WMSSConfig, model: str, heldout: str | None, stage_dir: Path, run) -> dict:
+def _evaluate(cfg: WMSSConfig, model: str, heldout: str | None, stage: StageContext) -> dict:
     from wmss.evaluation import evaluate
 
     e = cfg.eval
     extra = {"synthetic": json.loads(Path(heldout).read_text())} if heldout else None
-    summary = evaluate(model, e.benchmarks, stage_dir, data_dir=e.data_dir, limit=e.limit, backend=e.backend,
-                       max_new_tokens=e.max_new_tokens, extra_benchmarks=extra, mlflow_run=run)
+    summary = evaluate(model, e.benchmarks, stage.dir, data_dir=e.data_dir, limit=e.limit, backend=e.backend,
+                       max_new_tokens=e.max_new_tokens, extra_benchmarks=extra, mlflow_run=stage.run,
+                       localizer=stage.localizer)
     return {"summary": {b: {k: v for k, v in s.items() if isinstance(v, (int, float))} for b, s in summary.items()}}
 
 
@@ -336,14 +352,16 @@ def run_workflow(cfg: WMSSConfig, run_dir: str | os.PathLike) -> dict:
 def shared_inputs(cfg: WMSSConfig, wf: Workflow) -> dict:
     """The stages before Phase 2 (demo data and base model, Phase 1 SFT): {"data", "base", "strong",
     "weak": (path, hash)} and "heldout" (the demo's held-out problems file, None for other data)."""
+    from wmss.models import resolve_model
+
     heldout = None
     if cfg.data.train == DEMO:
-        demo_data = wf.stage("demo.data", cfg.demo.model_dump(), {}, lambda d, r: _demo_data(cfg, d, r))
+        demo_data = wf.stage("demo.data", cfg.demo.model_dump(), {}, lambda s: _demo_data(cfg, s))
         data, data_hash, heldout = demo_data["train"], demo_data["hash"], demo_data["heldout"]
     else:
         data, data_hash = cfg.data.train, fingerprint(cfg.data.train)
     if cfg.models.base == DEMO:
-        base_stage = wf.stage("demo.base", cfg.demo.model_dump(), {}, lambda d, r: _demo_base(cfg, d, r))
+        base_stage = wf.stage("demo.base", cfg.demo.model_dump(), {}, lambda s: _demo_base(cfg, s))
         base, base_hash = base_stage["model"], base_stage["hash"]
     else:
         base = resolve_model(cfg.models.base)
@@ -356,10 +374,10 @@ def shared_inputs(cfg: WMSSConfig, wf: Workflow) -> dict:
     else:
         sft_opts = _train_options(cfg, cfg.sft)
         phase1 = wf.stage("sft", {"training": sft_opts.model_dump()}, {"data": data_hash, "base": base_hash},
-                          lambda d, r: _sft(cfg, data, base, sft_opts, d, r, wf.durable(d)))
+                          lambda s: _sft(cfg, data, base, sft_opts, s))
         strong, strong_hash = phase1["model"], phase1["hash"]
-    weak, weak_hash = (resolve_model(cfg.models.weak), fingerprint(resolve_model(cfg.models.weak))) if cfg.models.weak \
-        else (base, base_hash)
+    weak = resolve_model(cfg.models.weak) if cfg.models.weak else base
+    weak_hash = fingerprint(weak) if cfg.models.weak else base_hash
     return {"data": (data, data_hash), "heldout": heldout, "base": (base, base_hash),
             "strong": (strong, strong_hash), "weak": (weak, weak_hash)}
 
@@ -368,12 +386,10 @@ def score_stage(cfg: WMSSConfig, wf: Workflow, k: int, data: tuple, weak: tuple,
     """Stage `r{k}.score` (Phase 2a): the entropies of `data` under `weak` and `strong`, each (path, hash)."""
     return wf.stage(f"r{k}.score", {"scoring": cfg.scoring.model_dump(), "max_length": cfg.max_length},
                     {"data": data[1], "weak": weak[1], "strong": strong[1]},
-                    lambda d, r: _score(cfg, data[0], weak[0], strong[0], d, r))
+                    lambda s: _score(cfg, data[0], weak[0], strong[0], s))
 
 
 def _run_stages(cfg: WMSSConfig, wf: Workflow) -> dict:
-    from wmss.models import resolve_model
-
     shared = shared_inputs(cfg, wf)
     (data, data_hash), heldout = shared["data"], shared["heldout"]
     (base, base_hash), (strong, strong_hash), (weak, weak_hash) = shared["base"], shared["strong"], shared["weak"]
@@ -386,11 +402,10 @@ def _run_stages(cfg: WMSSConfig, wf: Workflow) -> dict:
         pair = {"data": data_hash, "weak": round_weak[1], "strong": round_strong[1]}
         scored = score_stage(cfg, wf, k, (data, data_hash), round_weak, round_strong)
         chosen = wf.stage(f"r{k}.select", {"ceda": cfg.ceda.model_dump()}, {"scores": scored["hash"]},
-                          lambda d, r: _select(cfg, scored["scores"], d, r))
+                          lambda s: _select(cfg, scored["scores"], s))
         trained = wf.stage(f"r{k}.jtws", {"jtws": cfg.jtws.model_dump(), "max_length": cfg.max_length},
                            {**pair, "active": chosen["hash"]},
-                           lambda d, r: _jtws(cfg, data, round_weak[0], round_strong[0], chosen["active"], d, r,
-                                              wf.durable(d)))
+                           lambda s: _jtws(cfg, data, round_weak[0], round_strong[0], chosen["active"], s))
         chosen_rounds.append(chosen)
         round_weak, round_strong = round_strong, (trained["model"], trained["hash"])
     models["wmss"] = round_strong
@@ -403,7 +418,7 @@ def _run_stages(cfg: WMSSConfig, wf: Workflow) -> dict:
         if method == "jtws-only":  # joint training on all the data, no curriculum
             done = wf.stage(f"baseline.{method}", {"jtws": cfg.jtws.model_dump(), "max_length": cfg.max_length},
                             {**inputs, "weak": weak_hash},
-                            lambda d, r: _jtws(cfg, data, weak, strong, None, d, r, wf.durable(d)))
+                            lambda s: _jtws(cfg, data, weak, strong, None, s))
         else:
             noise = {"neftune": {"neftune_alpha": b.neftune_alpha}, "undial": {"undial_sigma": b.undial_sigma}}.get(method, {})
             opts = _train_options(cfg, cfg.sft, **noise)
@@ -411,8 +426,7 @@ def _run_stages(cfg: WMSSConfig, wf: Workflow) -> dict:
             if active:
                 inputs["active"] = first_active["hash"]
             done = wf.stage(f"baseline.{method}", {"training": opts.model_dump()}, inputs,
-                            lambda d, r, opts=opts, active=active: _sft(cfg, data, strong, opts, d, r,
-                                                                        wf.durable(d), active))
+                            lambda s, opts=opts, active=active: _sft(cfg, data, strong, opts, s, active))
         models[method] = (done["model"], done["hash"])
 
     # evaluate every method's model on the same problems
@@ -422,7 +436,7 @@ def _run_stages(cfg: WMSSConfig, wf: Workflow) -> dict:
         path, model_hash = models[method]
         evaluated = wf.stage(f"eval.{method}", {"eval": cfg.eval.model_dump(exclude={"methods"})},
                              {"model": model_hash, "heldout": data_hash if heldout else ""},
-                             lambda d, r, path=path: _evaluate(cfg, path, heldout, d, r),
+                             lambda s, path=path: _evaluate(cfg, path, heldout, s),
                              tags={"wmss.method": method})
         results[method] = {bench: s.get("accuracy") for bench, s in evaluated["summary"].items()}
     return results

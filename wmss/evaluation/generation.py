@@ -90,8 +90,11 @@ def generate_hf(model, prompts: list[list[int]], *, max_new_tokens: int, tempera
 class HFGenerator:
     """Ray Data class UDF: one model per actor, `generate_hf` over each batch."""
 
-    def __init__(self, model_dir: str, temperature: float, stop_ids: list[int]):
+    def __init__(self, model_dir: str, temperature: float, stop_ids: list[int], localizer=None):
         from wmss.models import load_causal_lm, load_tokenizer
+        from wmss.storage import localize
+
+        model_dir = localize(localizer, model_dir)
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = load_causal_lm(model_dir, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
@@ -125,7 +128,7 @@ def _cluster_shape() -> tuple[int, int]:
     return int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
 
 
-def _hf_dataset(dataset, model_dir: str, temperature: float, stop_ids: list[int]):
+def _hf_dataset(dataset, model_dir: str, temperature: float, stop_ids: list[int], localizer):
     import ray
 
     gpus, cpus = _cluster_shape()
@@ -133,7 +136,7 @@ def _hf_dataset(dataset, model_dir: str, temperature: float, stop_ids: list[int]
     per_actor, max_actors = ({"num_gpus": 1}, gpus) if gpus else ({"num_cpus": 1}, max(1, cpus // 2))
     return dataset.map_batches(
         HFGenerator, fn_constructor_kwargs={"model_dir": model_dir, "temperature": temperature,
-                                            "stop_ids": stop_ids},
+                                            "stop_ids": stop_ids, "localizer": localizer},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors), batch_size=8, **per_actor)
 
 
@@ -166,9 +169,11 @@ def _vllm_dataset(dataset, model_dir: str, temperature: float, stop_ids: list[in
 
 
 def generate(model_dir: str | os.PathLike, requests: list[GenerationRequest], *, backend: str,
-             temperature: float, stop_ids: list[int], max_model_len: int) -> dict[str, list[int]]:
+             temperature: float, stop_ids: list[int], max_model_len: int, localizer=None) -> dict[str, list[int]]:
     """Generated token ids per request key, from a Ray Data job on the connected Ray cluster (one
-    autoscaling actor pool of `backend` workers). Every request gets exactly one result, or this raises."""
+    autoscaling actor pool of `backend` workers). Every request gets exactly one result, or this raises.
+    With a `localizer` (wmss.storage.Localizer: the model is in an object-store run directory) the HF
+    actors fetch the model on their node and vLLM's engines read it from the bucket themselves."""
     import ray
 
     if backend not in BACKENDS:
@@ -180,9 +185,10 @@ def generate(model_dir: str | os.PathLike, requests: list[GenerationRequest], *,
     dataset = ray.data.from_items([{"key": r.key, "prompt_ids": r.prompt_ids, "max_new_tokens": r.max_new_tokens,
                                     "seed": r.seed} for r in requests])
     if backend == "hf":
-        dataset = _hf_dataset(dataset, model_dir, temperature, stop_ids)
+        dataset = _hf_dataset(dataset, model_dir, temperature, stop_ids, localizer)
     else:
-        dataset = _vllm_dataset(dataset, model_dir, temperature, stop_ids, max_model_len)
+        source = localizer.remote(model_dir) if localizer is not None else model_dir
+        dataset = _vllm_dataset(dataset, source, temperature, stop_ids, max_model_len)
     results: dict[str, list[int]] = {}
     for row in dataset.iter_rows():
         if row["key"] in results:

@@ -112,7 +112,8 @@ def _load_problems(benchmarks: list[str], data_dir, limit: int | None,
 
 def evaluate(model_dir, benchmarks: list[str], out_dir, *, data_dir=None, limit=None, backend="hf", samples=1,
              temperature=0.0, max_new_tokens=None, extra_benchmarks: dict[str, list[dict]] | None = None,
-             ray_address=None, enable_thinking: bool | None = None, mlflow_run=None) -> dict[str, dict]:
+             ray_address=None, enable_thinking: bool | None = None, mlflow_run=None,
+             localizer=None) -> dict[str, dict]:
     """Generate `samples` responses per problem of each benchmark (and of each `extra_benchmarks` entry:
     rows with question/instruction + answer, graded as math) with `backend`, grade them, write
     predictions and summary.json to `out_dir`, log the metrics to MLflow, and return the summary per
@@ -167,7 +168,7 @@ def evaluate(model_dir, benchmarks: list[str], out_dir, *, data_dir=None, limit=
         ray.init(address=ray_address, include_dashboard=False)
     try:
         generated = generate(model_dir, requests, backend=backend, temperature=temperature, stop_ids=stop_ids,
-                             max_model_len=max_model_len)
+                             max_model_len=max_model_len, localizer=localizer)
     finally:
         if started_ray:
             ray.shutdown()
