@@ -144,7 +144,7 @@ def test_submit_reduced_demo_succeeds_and_logs_to_mlflow(live_cluster):
     command = [str(Path(sys.executable).parent / "wmss"), "submit", "--address", address, "--wait",
                "--no-runtime-env-pip", "--name", run, "--set", "demo.n_train=16", "demo.n_eval=4",
                "demo.pretrain_steps=2", "eval.max_new_tokens=16", "sft.global_batch=8",
-               "jtws.training.global_batch=8", f"run_dir={root}/runs"]
+               "jtws.training.global_batch=8", "baselines.methods=[]", "eval.methods=[wmss]", f"run_dir={root}/runs"]
     start = time.monotonic()
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=1200)
     took = time.monotonic() - start
