@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from wmss.config import JTWSConfig, TrainingConfig
-from wmss.training import build_plan, lr_factor, train
+from wmss.plan import build_plan, lr_factor
+from wmss.training import sft_heads, train
 
 pytestmark = pytest.mark.ray
 
@@ -78,7 +79,7 @@ def test_token_budget_steps_and_schedule():
 def sft_reference(tmp_path_factory, tiny_model_dir, demo_rows, ray_local):
     """An uninterrupted SFT run with the resume test's exact settings (2 workers, ZeRO-2)."""
     out = tmp_path_factory.mktemp("sft") / "model"
-    train("sft", data=demo_rows, out=out, options=TrainingConfig(**RESUME_FLAGS), model=tiny_model_dir)
+    train(sft_heads(tiny_model_dir), name="sft", data=demo_rows, out=out, options=TrainingConfig(**RESUME_FLAGS))
     return out
 
 
@@ -132,10 +133,10 @@ def test_jtws_zero3_trains_both_and_frozen_weak_trains_strong_only(tiny_weak_str
 
     weak, strong = tiny_weak_strong
     opts = dict(workers=2, global_batch=8, micro_batch_tokens=512, max_length=256, lr=1e-3)
-    both = train("jtws", data=demo_rows[:16], out=tmp_path / "both", options=TrainingConfig(zero=3, **opts),
-                 weak=weak, strong=strong, jtws=JTWSConfig(lam=0.5))
-    frozen = train("jtws", data=demo_rows[:16], out=tmp_path / "frozen", options=TrainingConfig(zero=2, **opts),
-                   weak=weak, strong=strong, jtws=JTWSConfig(lam=0.5, freeze_weak=True))
+    both = train(JTWSConfig(lam=0.5).heads(weak, strong), name="jtws", data=demo_rows[:16], out=tmp_path / "both",
+                 options=TrainingConfig(zero=3, **opts))
+    frozen = train(JTWSConfig(lam=0.5, freeze_weak=True).heads(weak, strong), name="jtws", data=demo_rows[:16],
+                   out=tmp_path / "frozen", options=TrainingConfig(zero=2, **opts))
     n_weak = sum(t.numel() for t in _weights(weak).values())
     n_strong = sum(t.numel() for t in _weights(strong).values())
     trainable = {name: json.loads((d / "training.json").read_text())["metrics"]["trainable_params"]

@@ -52,10 +52,10 @@ def test_validation_loss_is_the_kept_models_mean_token_ce(tmp_path, tiny_model_d
 
     from wmss.data import records_from_rows, tokenize_records
     from wmss.models import load_tokenizer
-    from wmss.training import train
+    from wmss.training import sft_heads, train
 
     options = TrainingConfig(global_batch=8, micro_batch_tokens=1024, max_length=256, lr=2e-3, zero=0)
-    out = train("sft", data=demo_rows[:16], out=tmp_path / "model", options=options, model=tiny_model_dir,
+    out = train(sft_heads(tiny_model_dir), name="sft", data=demo_rows[:16], out=tmp_path / "model", options=options,
                 validation=demo_rows[16:], val_every=1)
     reported = json.loads((out / "training.json").read_text())["metrics"]["val_loss"]
     samples, _ = tokenize_records(records_from_rows(demo_rows[16:], "<rows>")[0], load_tokenizer(out), 256)

@@ -46,6 +46,11 @@ class TrainingConfig(_Strict):
     seed: int = 0
     neftune_alpha: float | None = Field(None, gt=0, description="NEFTune noise scale (SFT baselines)")
     undial_sigma: float | None = Field(None, gt=0, description="UNDIAL target-logit noise (SFT baselines)")
+    gradient_checkpointing: bool | None = Field(
+        None, description="activation checkpointing (non-reentrant) of every trained model; default: on with GPUs")
+    loss_filter_eps: float | Literal["auto", "high"] | None = Field(
+        None, description="cut-cross-entropy's gradient filter on GPUs; default off: every vocabulary block's "
+                          "gradient is computed, small non-target ones included (what JTWS acts on)")
 
     @model_validator(mode="after")
     def _one_batch_size(self):
@@ -57,11 +62,39 @@ class TrainingConfig(_Strict):
         return self
 
 
+class MixModelConfig(_Strict):
+    """One more model in JTWS's mix, beside the weak and the strong one."""
+
+    model: str = Field(description="HF folder or hub id; must share the pair's tokenizer")
+    weight: float = Field(gt=0, le=1, description="its weight in the mix")
+    trainable: bool = Field(False, description="train it too (it is never kept)")
+
+
 class JTWSConfig(_Strict):
     """Phase 3: joint training of the weak and strong models on mixed logits."""
 
     lam: float = Field(0.5, ge=0, le=1, description="weight of the STRONG model's logits in the mix")
     freeze_weak: bool = False
+    extra_models: list[MixModelConfig] = Field(
+        default_factory=list, description="more models in the mix; the weak model's weight is 1 - lam - theirs")
+
+    @model_validator(mode="after")
+    def _weights_sum_to_one(self):
+        if self.weak_weight < 0:
+            raise ValueError(f"lam ({self.lam}) plus the extra models' weights "
+                             f"({sum(m.weight for m in self.extra_models)}) exceed 1: the weak model's weight "
+                             "1 - lam - extra would be negative")
+        return self
+
+    @property
+    def weak_weight(self) -> float:
+        return 1.0 - self.lam - sum(m.weight for m in self.extra_models)
+
+    def heads(self, weak: str, strong: str) -> list[dict]:
+        """The mix, weak first and the kept strong model last: [{model, weight, trainable}]."""
+        return [{"model": str(weak), "weight": self.weak_weight, "trainable": not self.freeze_weak},
+                *({"model": m.model, "weight": m.weight, "trainable": m.trainable} for m in self.extra_models),
+                {"model": str(strong), "weight": self.lam, "trainable": True}]
 
 
 class DemoConfig(_Strict):

@@ -42,8 +42,10 @@ def _chunk_logits(heads, start: int, stop: int) -> torch.Tensor:
 class _ChunkedLinearCE(torch.autograd.Function):
     """Per-row cross-entropy of a linear combination of linear heads, in row chunks.
 
-    Forward keeps only the per-row log-sum-exp; backward recomputes each chunk's logits (one extra matmul
-    per head) instead of storing N x V softmax values."""
+    Forward keeps only the per-row log-sum-exp, as (row max, log of the shifted sum); backward recomputes
+    each chunk's logits (one extra matmul per head) instead of storing N x V softmax values. Keeping the
+    max apart makes `z - max` exact for the top logit, and the target's gradient p_y - 1 is `expm1`: late
+    in SFT p_y is within 1e-4 of 1, where `exp(z_y - lse) - 1` would lose most of its digits."""
 
     @staticmethod
     def forward(ctx, labels, target_offset, ignore_index, chunk_rows, coefs, *tensors):
@@ -53,30 +55,36 @@ class _ChunkedLinearCE(torch.autograd.Function):
         valid = labels != ignore_index
         safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
         losses = torch.zeros(n_rows, dtype=torch.float32, device=labels.device)
-        lse = torch.zeros(n_rows, dtype=torch.float32, device=labels.device)
+        row_max = torch.zeros(n_rows, dtype=torch.float32, device=labels.device)
+        log_sum = torch.zeros(n_rows, dtype=torch.float32, device=labels.device)  # lse = row_max + log_sum
         for start in range(0, n_rows, chunk):
             stop = min(start + chunk, n_rows)
             logits = _chunk_logits(heads, start, stop)
             rows = torch.arange(stop - start, device=logits.device)
             if target_offset is not None:
                 logits[rows, safe_labels[start:stop]] += target_offset[start:stop].float()
-            chunk_lse = torch.logsumexp(logits, dim=-1)
-            lse[start:stop] = chunk_lse
-            losses[start:stop] = chunk_lse - logits[rows, safe_labels[start:stop]]
+            top = logits.max(dim=-1).values
+            logits.sub_(top[:, None])
+            chunk_log_sum = logits.exp().sum(dim=-1).log_()
+            row_max[start:stop], log_sum[start:stop] = top, chunk_log_sum
+            losses[start:stop] = chunk_log_sum - logits[rows, safe_labels[start:stop]]
         losses = torch.where(valid, losses, torch.zeros_like(losses))
-        ctx.save_for_backward(labels, safe_labels, valid, lse, target_offset, *tensors)
+        ctx.save_for_backward(labels, safe_labels, valid, row_max, log_sum, target_offset, *tensors)
         ctx.coefs, ctx.chunk = coefs, chunk
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses):
-        labels, safe_labels, valid, lse, target_offset, *tensors = ctx.saved_tensors
+        labels, safe_labels, valid, row_max, log_sum, target_offset, *tensors = ctx.saved_tensors
         coefs, chunk = ctx.coefs, ctx.chunk
         heads = [(c, tensors[2 * i], tensors[2 * i + 1]) for i, c in enumerate(coefs)]
         needs = ctx.needs_input_grad[5:]
         grads = [torch.zeros_like(t, dtype=torch.float32) if needs[j] else None for j, t in enumerate(tensors)]
-        scale = torch.where(valid, grad_losses.float(), torch.zeros_like(lse))
+        scale = torch.where(valid, grad_losses.float(), torch.zeros_like(log_sum))
         n_rows = labels.shape[0]
+        # float32 copies of the weights once per backward, not once per chunk (a 150K x 4K bf16 output
+        # layer is 2.5 GB in float32)
+        weights32 = [weight.float() if grads[2 * i] is not None else None for i, (_, _, weight) in enumerate(heads)]
         for start in range(0, n_rows, chunk):
             stop = min(start + chunk, n_rows)
             if not bool(valid[start:stop].any()):
@@ -86,13 +94,16 @@ class _ChunkedLinearCE(torch.autograd.Function):
             if target_offset is not None:
                 logits[rows, safe_labels[start:stop]] += target_offset[start:stop].float()
             # d loss / d logits = softmax - one_hot, times the incoming per-row gradient
-            grad_logits = logits.sub_(lse[start:stop, None]).exp_()
-            grad_logits[rows, safe_labels[start:stop]] -= 1.0
+            shifted = logits.sub_(row_max[start:stop, None]).sub_(log_sum[start:stop, None])  # log p
+            target = safe_labels[start:stop]
+            target_grad = torch.expm1(shifted[rows, target])  # p_y - 1 without cancellation
+            grad_logits = shifted.exp_()
+            grad_logits[rows, target] = target_grad
             grad_logits.mul_(scale[start:stop, None])
             for i, (coef, hidden, weight) in enumerate(heads):
                 g_h, g_w = grads[2 * i], grads[2 * i + 1]
                 if g_h is not None:
-                    g_h[start:stop] += coef * (grad_logits @ weight.float())
+                    g_h[start:stop] += coef * (grad_logits @ weights32[i])
                 if g_w is not None:
                     g_w.addmm_(grad_logits.t(), hidden[start:stop].float(), alpha=coef)
         grads = [g.to(t.dtype) if g is not None else None for g, t in zip(grads, tensors)]
@@ -110,6 +121,23 @@ def _reduce(losses: torch.Tensor, labels: torch.Tensor, ignore_index: int, reduc
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
+def _check_heads(heads, labels):
+    if not heads:
+        raise ValueError("a mixture needs at least one head")
+    vocab = heads[0][2].shape[0]
+    for k, (coef, hidden, weight) in enumerate(heads):
+        if weight.shape[0] != vocab:
+            raise ValueError(f"head {k}'s vocabulary has {weight.shape[0]} rows, head 0's {vocab}: the models of "
+                             "a mix must share one tokenizer")
+        if hidden.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+            raise ValueError(f"head {k}: hidden {tuple(hidden.shape)} does not match weight {tuple(weight.shape)}: "
+                             "expected (N, D) and (V, D)")
+        if hidden.shape[0] != labels.shape[0]:
+            raise ValueError(f"head {k}: hidden has {hidden.shape[0]} rows but labels has {labels.shape[0]}")
+        if not float(coef) >= 0.0:
+            raise ValueError(f"head {k}: coefficient {coef} must be >= 0")
+
+
 def _check_pair(hidden_weak, weight_weak, hidden_strong, weight_strong, labels, lam):
     if not 0.0 <= float(lam) <= 1.0:
         raise ValueError(f"lam (the strong model's weight) must be in [0, 1], got {lam}")
@@ -117,48 +145,81 @@ def _check_pair(hidden_weak, weight_weak, hidden_strong, weight_strong, labels, 
         raise ValueError(
             f"weak and strong vocabularies differ ({weight_weak.shape[0]} vs {weight_strong.shape[0]}): "
             "the pair must share one tokenizer")
-    for name, hidden, weight in (("weak", hidden_weak, weight_weak), ("strong", hidden_strong, weight_strong)):
-        if hidden.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-            raise ValueError(f"hidden_{name} {tuple(hidden.shape)} does not match weight_{name} "
-                             f"{tuple(weight.shape)}: expected (N, D) and (V, D)")
-        if hidden.shape[0] != labels.shape[0]:
-            raise ValueError(f"hidden_{name} has {hidden.shape[0]} rows but labels has {labels.shape[0]}")
+    _check_heads([(1.0 - lam, hidden_weak, weight_weak), (lam, hidden_strong, weight_strong)], labels)
+
+
+def fused_mixture_cross_entropy(heads, labels, *, ignore_index: int = IGNORE_INDEX, reduction: str = "mean",
+                                filter_eps: float | str | None = None, impl: str = "cce"):
+    """cut-cross-entropy's fused linear cross-entropy of the mix `sum_k coef_k * hidden_k @ weight_k.T`, as
+    ONE linear head over concatenated features `[coef_1 h_1 ; ... ; coef_K h_K] . [W_1 ; ... ; W_K]^T`
+    (exact: the concatenated dot product is the weighted sum of the heads' logits).
+
+    `filter_eps=None` (the default here, unlike cut-cross-entropy's) computes every vocabulary block's
+    gradient: its filter skips blocks whose softmax values are all below the threshold, which zeroes the
+    small non-target gradients this method acts on. `impl="torch_compile"` runs on CPU (for tests)."""
+    from cut_cross_entropy import linear_cross_entropy as cce
+
+    dtype = heads[0][1].dtype
+    features = torch.cat([float(c) * h.to(dtype) for c, h, _ in heads], dim=-1)
+    classifier = torch.cat([w.to(dtype) for _, _, w in heads], dim=-1)
+    kwargs = {"filter_eps": filter_eps} if impl == "cce" else {}
+    return cce(features, classifier, labels, ignore_index=ignore_index, reduction=reduction, impl=impl, **kwargs)
+
+
+def _fused_available(hidden: torch.Tensor) -> bool:
+    if not hidden.is_cuda:
+        return False
+    try:
+        import cut_cross_entropy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def mixture_cross_entropy(heads, labels, *, ignore_index: int = IGNORE_INDEX, reduction: str = "mean",
+                          target_offset: torch.Tensor | None = None, chunk_rows: int | None = None,
+                          filter_eps: float | str | None = None):
+    """Cross-entropy of the mixed logits `sum_k coef_k * hidden_k @ weight_k.T` for `heads` = [(coef_k,
+    hidden_k (N, D_k), weight_k (V, D_k)), ...], never materialising the N x V logits. One head is plain
+    SFT, two are JTWS's weak/strong mix; any number works.
+
+    Value: the mean (or sum / per-row, by `reduction`) over rows whose label is not `ignore_index` of
+    `-log softmax(z_mix)[label]`; gradients flow to every input that requires grad. On CUDA, with
+    cut-cross-entropy installed and no `target_offset`, its fused kernel computes it (see
+    `fused_mixture_cross_entropy`; `filter_eps` is passed to it); elsewhere rows are processed in chunks
+    with the logits recomputed in backward. `target_offset` (N,) is added to each row's target logit
+    before the softmax (UNDIAL's noise)."""
+    heads = [(float(c), h, w) for c, h, w in heads]
+    _check_heads(heads, labels)
+    if target_offset is None and reduction in ("mean", "sum") and _fused_available(heads[0][1]):
+        return fused_mixture_cross_entropy(heads, labels, ignore_index=ignore_index, reduction=reduction,
+                                           filter_eps=filter_eps)
+    coefs = tuple(c for c, _, _ in heads)
+    tensors = [t for _, h, w in heads for t in (h, w)]
+    losses = _ChunkedLinearCE.apply(labels, target_offset, ignore_index, chunk_rows, coefs, *tensors)
+    return _reduce(losses, labels, ignore_index, reduction)
 
 
 def linear_cross_entropy(hidden, weight, labels, *, ignore_index: int = IGNORE_INDEX, reduction: str = "mean",
-                         target_offset: torch.Tensor | None = None, chunk_rows: int | None = None):
-    """Cross-entropy of `hidden @ weight.T` against `labels`, without materialising the logits.
-
-    `target_offset` (N,) is added to each row's target logit before the softmax (UNDIAL's noise)."""
-    losses = _ChunkedLinearCE.apply(labels, target_offset, ignore_index, chunk_rows, (1.0,), hidden, weight)
-    return _reduce(losses, labels, ignore_index, reduction)
+                         target_offset: torch.Tensor | None = None, chunk_rows: int | None = None,
+                         filter_eps: float | str | None = None):
+    """Cross-entropy of `hidden @ weight.T` against `labels`, without materialising the logits (one head of
+    `mixture_cross_entropy`)."""
+    return mixture_cross_entropy([(1.0, hidden, weight)], labels, ignore_index=ignore_index, reduction=reduction,
+                                 target_offset=target_offset, chunk_rows=chunk_rows, filter_eps=filter_eps)
 
 
 def mixed_cross_entropy(hidden_weak, weight_weak, hidden_strong, weight_strong, labels, lam,
                         ignore_index: int = IGNORE_INDEX, reduction: str = "mean", *,
-                        target_offset: torch.Tensor | None = None, chunk_rows: int | None = None):
+                        target_offset: torch.Tensor | None = None, chunk_rows: int | None = None,
+                        filter_eps: float | str | None = None):
     """Cross-entropy of the mixed logits `(1-lam) * hidden_weak @ weight_weak.T + lam * hidden_strong @
-    weight_strong.T`, never materialising the N x V logits.
-
-    Value: the mean (or sum / per-row, by `reduction`) over rows whose label is not `ignore_index` of
-    `-log softmax(z_mix)[label]`; gradients flow to every input that requires grad. On CUDA, when
-    cut-cross-entropy is installed and no `target_offset` is given, the mix is computed as one linear
-    cross-entropy over concatenated features `[(1-lam) h_w ; lam h_s] . [W_w ; W_s]^T` by its fused kernel;
-    elsewhere rows are processed in chunks with the logits recomputed in backward."""
+    weight_strong.T`: `mixture_cross_entropy` with the weak and the strong head."""
     _check_pair(hidden_weak, weight_weak, hidden_strong, weight_strong, labels, lam)
     lam = float(lam)
-    if hidden_strong.is_cuda and target_offset is None and reduction in ("mean", "sum"):
-        try:
-            from cut_cross_entropy import linear_cross_entropy as cce
-        except ImportError:
-            cce = None
-        if cce is not None:
-            features = torch.cat([(1.0 - lam) * hidden_weak, lam * hidden_strong.to(hidden_weak.dtype)], dim=-1)
-            classifier = torch.cat([weight_weak, weight_strong.to(weight_weak.dtype)], dim=-1)
-            return cce(features, classifier, labels, ignore_index=ignore_index, reduction=reduction)
-    losses = _ChunkedLinearCE.apply(labels, target_offset, ignore_index, chunk_rows, (1.0 - lam, lam),
-                                    hidden_weak, weight_weak, hidden_strong, weight_strong)
-    return _reduce(losses, labels, ignore_index, reduction)
+    return mixture_cross_entropy([(1.0 - lam, hidden_weak, weight_weak), (lam, hidden_strong, weight_strong)], labels,
+                                 ignore_index=ignore_index, reduction=reduction, target_offset=target_offset,
+                                 chunk_rows=chunk_rows, filter_eps=filter_eps)
 
 
 def naive_mixed_cross_entropy(hidden_weak, weight_weak, hidden_strong, weight_strong, labels, lam,
@@ -209,11 +270,11 @@ def sample_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
 
 
 @torch.no_grad()
-def mixing_diagnostics(hidden_weak, weight_weak, hidden_strong, weight_strong, labels, lam, *,
-                       ignore_index: int = IGNORE_INDEX, max_rows: int = 512) -> dict[str, float]:
-    """The method's training diagnostics on (up to `max_rows` of) the supervised rows:
-    `margin_strong` — mean over rows of z_s[y] - mean_{k != y} z_s[k] (the strong model's average margin);
-    `nontarget_mass_strong` / `nontarget_mass_mix` — mean of 1 - p(y) under the strong model / the mix.
+def mixture_diagnostics(heads, labels, *, ignore_index: int = IGNORE_INDEX, max_rows: int = 512) -> dict[str, float]:
+    """The method's training diagnostics on (up to `max_rows` of) the supervised rows, for `heads` as in
+    `mixture_cross_entropy` whose LAST head is the kept (strong) model:
+    `margin_strong` — mean over rows of z_s[y] - mean_{k != y} z_s[k] (the kept model's average margin);
+    `nontarget_mass_strong` / `nontarget_mass_mix` — mean of 1 - p(y) under the kept model / the mix.
     With the paper's condition (weak margins <= strong ones) the mix keeps more non-target mass, which is
     where JTWS's extra gradient comes from."""
     valid = labels != ignore_index
@@ -222,9 +283,9 @@ def mixing_diagnostics(hidden_weak, weight_weak, hidden_strong, weight_strong, l
         return {"margin_strong": float("nan"), "nontarget_mass_strong": float("nan"), "nontarget_mass_mix": float("nan")}
     y = labels[idx]
     rows = torch.arange(idx.numel(), device=labels.device)
-    z_s = (hidden_strong[idx] @ weight_strong.t()).float()
-    z_w = (hidden_weak[idx] @ weight_weak.t()).float()
-    z_mix = (1.0 - lam) * z_w + lam * z_s
+    zs = [(float(c), (h[idx] @ w.t()).float()) for c, h, w in heads]
+    z_s = zs[-1][1]
+    z_mix = sum(c * z for c, z in zs)
     vocab = z_s.shape[1]
     target_s = z_s[rows, y]
     margin = target_s - (z_s.sum(dim=1) - target_s) / (vocab - 1)
@@ -232,6 +293,13 @@ def mixing_diagnostics(hidden_weak, weight_weak, hidden_strong, weight_strong, l
     p_mix = torch.softmax(z_mix, dim=-1)[rows, y]
     return {"margin_strong": float(margin.mean()), "nontarget_mass_strong": float((1 - p_s).mean()),
             "nontarget_mass_mix": float((1 - p_mix).mean())}
+
+
+def mixing_diagnostics(hidden_weak, weight_weak, hidden_strong, weight_strong, labels, lam, *,
+                       ignore_index: int = IGNORE_INDEX, max_rows: int = 512) -> dict[str, float]:
+    """`mixture_diagnostics` of the weak/strong pair mixed with weight `lam` on the strong logits."""
+    return mixture_diagnostics([(1.0 - lam, hidden_weak, weight_weak), (lam, hidden_strong, weight_strong)], labels,
+                               ignore_index=ignore_index, max_rows=max_rows)
 
 
 def neftune_noise(embeds: torch.Tensor, alpha: float, attention_mask: torch.Tensor | None = None, *,

@@ -165,12 +165,14 @@ class WeakStrongPair(torch.nn.Module):
         return output_weight(self.weak), output_weight(self.strong)
 
 
-def save_model(model, tokenizer, out_dir: str | os.PathLike, *, state_dict: dict | None = None) -> Path:
+def save_model(model, tokenizer, out_dir: str | os.PathLike, *, state_dict: dict | None = None,
+               max_shard_size: str | int = "5GB") -> Path:
     """Write `model` (with `state_dict` instead of its own tensors when given, e.g. weights gathered from
-    ZeRO-3 shards) and `tokenizer` as a plain HF checkpoint, atomically. Returns the folder."""
+    ZeRO-3 shards) and `tokenizer` as a plain HF checkpoint (safetensors, in shards of at most
+    `max_shard_size` with an index when there is more than one), atomically. Returns the folder."""
     out_dir = Path(out_dir)
     with atomic_path(out_dir) as tmp:
-        model.save_pretrained(tmp, state_dict=state_dict)
+        model.save_pretrained(tmp, state_dict=state_dict, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
     return out_dir
 

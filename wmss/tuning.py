@@ -75,7 +75,6 @@ def run_trial(params: dict, setup: dict) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from wmss.config import JTWSConfig
     from wmss.selection import select_active_set
     from wmss.training import load_active_set, train
     from workflows.wmss_pipeline import _train_options
@@ -92,9 +91,9 @@ def run_trial(params: dict, setup: dict) -> None:
     active = store.local / trial / "active.parquet"
     select_active_set(paths["scores"], active, alpha=c.alpha, beta=c.beta, gamma=c.gamma, formula=c.formula,
                       multiplier=c.multiplier, seed=c.seed, dedup=c.dedup)
-    train("jtws", data=paths["data"], out=store.local / trial / "model", storage_path=store.durable(trial),
-          options=_train_options(cfg, cfg.jtws.training), weak=paths["weak"], strong=paths["strong"],
-          jtws=JTWSConfig(lam=cfg.jtws.lam, freeze_weak=cfg.jtws.freeze_weak), active=load_active_set(active),
+    train(cfg.jtws.heads(paths["weak"], paths["strong"]), name="jtws", data=paths["data"],
+          out=store.local / trial / "model", storage_path=store.durable(trial),
+          options=_train_options(cfg, cfg.jtws.training), active=load_active_set(active),
           on_bad_record=cfg.data.on_bad_record, validation=setup["validation"], val_every=cfg.tune.val_every,
           callbacks=[TuneReportCallback()], localizer=localizer)
 

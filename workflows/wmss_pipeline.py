@@ -209,9 +209,9 @@ def _train_options(cfg: WMSSConfig, section, **extra):
 
 
 def _sft(cfg, data: str, model: str, options, stage: StageContext, active: str | None = None) -> dict:
-    from wmss.training import load_active_set, train
+    from wmss.training import load_active_set, sft_heads, train
 
-    out = train("sft", data=data, out=stage.dir / "model", options=options, model=model,
+    out = train(sft_heads(model), name="sft", data=data, out=stage.dir / "model", options=options,
                 active=load_active_set(active) if active else None, storage_path=stage.storage,
                 localizer=stage.localizer, mlflow_info=stage.run.worker_info(), on_bad_record=cfg.data.on_bad_record)
     _log_curves(stage.run)
@@ -266,13 +266,12 @@ def _select(cfg: WMSSConfig, scores: str, stage: StageContext) -> dict:
 
 
 def _jtws(cfg: WMSSConfig, data: str, weak: str, strong: str, active: str | None, stage: StageContext) -> dict:
-    from wmss.config import JTWSConfig
     from wmss.training import load_active_set, train
 
     j = cfg.jtws
-    out = train("jtws", data=data, out=stage.dir / "model", options=_train_options(cfg, j.training), weak=weak,
-                strong=strong, jtws=JTWSConfig(lam=j.lam, freeze_weak=j.freeze_weak),
-                active=load_active_set(active) if active else None, storage_path=stage.storage,
+    out = train(j.heads(weak, strong), name="jtws", data=data, out=stage.dir / "model",
+                options=_train_options(cfg, j.training), active=load_active_set(active) if active else None,
+                storage_path=stage.storage,
                 localizer=stage.localizer, mlflow_info=stage.run.worker_info(), on_bad_record=cfg.data.on_bad_record)
     _log_curves(stage.run)
     return {"model": str(out)}
