@@ -98,6 +98,13 @@ def test_config_show_reports_a_bad_config_on_stderr_with_a_failing_exit(tmp_path
     assert "RAY IMPORTED" not in done.stderr
 
 
+def test_config_show_rejects_an_unknown_benchmark_before_any_ray():
+    done = _wmss("config", "show", "demo", "--set", "eval.benchmarks=[gsm8kk]")
+    assert done.returncode == 2 and done.stdout == ""
+    assert "eval.benchmarks" in done.stderr and "'gsm8kk'" in done.stderr and "gsm8k," in done.stderr
+    assert "RAY IMPORTED" not in done.stderr
+
+
 def _error(tmp_path, text: str | None, overrides: list[str] | None = None) -> str:
     path = tmp_path / "config.yaml"
     if text is not None:
@@ -148,6 +155,29 @@ def test_set_override_without_a_value_or_into_a_scalar(tmp_path):
     assert "expected key=value" in _error(tmp_path, "name: x\n", ["jtws.lam"])
     message = _error(tmp_path, "name: x\n", ["name.first=y"])
     assert "name.first" in message and "'x'" in message and "not a section" in message
+
+
+def test_null_batch_size_names_the_section_and_not_its_values(tmp_path):
+    message = _error(tmp_path, "sft:\n  global_batch: null\n  lr: 2.0e-5\n")
+    assert message == f"config {tmp_path / 'config.yaml'}: set sft.global_batch (samples) or sft.global_batch_tokens"
+    assert " or jtws.training.global_batch_tokens" in _error(tmp_path, "jtws:\n  training:\n    global_batch: null\n")
+
+
+def test_eval_names_are_checked(tmp_path):
+    message = _error(tmp_path, "eval:\n  benchmarks: [gsm8k, gsm8kk]\n  methods: [wmss, foo]\n")
+    assert len(message.splitlines()) == 2
+    assert "eval.benchmarks" in message and "'gsm8kk'" in message and "math500" in message
+    assert "eval.methods" in message and "'foo'" in message and "jtws-only" in message
+    message = _error(tmp_path, "eval:\n  methods: [wmss, neftune]\n")
+    assert "eval.methods" in message and "'neftune'" in message and "baselines.methods" in message
+    assert load_config(None, ["eval.methods=[neftune]", "baselines.methods=[neftune]"]).eval.methods == ["neftune"]
+
+
+def test_config_error_is_a_typed_error_not_an_exit():
+    from wmss import errors
+
+    assert ConfigError is errors.ConfigError and not issubclass(ConfigError, SystemExit)
+    assert ConfigError("x").exit_code == errors.EXIT_USAGE == 2
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

@@ -8,11 +8,14 @@ import argparse
 import importlib
 import sys
 
+from wmss.errors import EXIT_INTERRUPTED, EXIT_USAGE, WmssError
+
 # subcommand -> (module, add-arguments function, run function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "run": ("workflows.wmss_pipeline", "add_run_arguments", "run_cli",
             "run (or resume) the whole WMSS workflow; with no config, the offline demo"),
-    "config": ("wmss.config", "add_config_arguments", "run_config_cli", "print the resolved config"),
+    "config": ("wmss.config", "add_config_arguments", "run_config_cli",
+               "print the resolved config (show) or the shipped configs (list)"),
     "tiny-model": ("wmss.models", "add_tiny_model_arguments", "run_tiny_model",
                    "write a tiny offline Qwen3-architecture model + tokenizer"),
     "sft": ("wmss.training", "add_sft_arguments", "run_sft",
@@ -36,19 +39,37 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:  # plain `wmss` runs the embedded demo once the workflow exists
-        argv = ["run"] if "run" in COMMANDS else ["--help"]
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The `wmss` parser; only the subcommand named in `argv` gets its flags (its module is imported)."""
     parser = argparse.ArgumentParser(prog="wmss")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, add_fn, _run_fn, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if argv[:1] == [name]:
             getattr(importlib.import_module(module), add_fn)(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; return its exit code. Plain `wmss` prints the usage and returns 2 (as git does).
+    A WmssError becomes `wmss COMMAND: message` on stderr and its exit code (wmss.errors); bad flags exit 2
+    through argparse's SystemExit; Ctrl-C returns 130."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
+    if not argv:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
     args = parser.parse_args(argv)
     module, _add_fn, run_fn, _help = COMMANDS[args.command]
-    return int(getattr(importlib.import_module(module), run_fn)(args) or 0)
+    try:
+        return int(getattr(importlib.import_module(module), run_fn)(args) or 0)
+    except WmssError as err:
+        print("\n".join(f"wmss {args.command}: {line}" for line in str(err).splitlines() or [""]),
+              file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"wmss {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

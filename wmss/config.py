@@ -4,15 +4,21 @@ Errors name the key, the bad value and what is allowed (see `format_validation_e
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
+from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"
+from wmss.errors import ConfigError
+
+# the repository's top-level configs/ folder, shipped inside the package (pyproject.toml's package-dir)
+CONFIG_PACKAGE = "wmss.configs"
+DEFAULT_CONFIG = "demo"
 
 
 class _Strict(BaseModel):
@@ -58,7 +64,7 @@ class TrainingConfig(_Strict):
             # an explicit token budget wins over the default sample count
             object.__setattr__(self, "global_batch", None)
         if self.global_batch is None and self.global_batch_tokens is None:
-            raise ValueError("set training.global_batch (samples) or training.global_batch_tokens")
+            raise ValueError("set `global_batch` (samples) or `global_batch_tokens`")
         return self
 
 
@@ -159,12 +165,17 @@ class JTWSStageConfig(JTWSConfig):
     training: TrainingConfig = TrainingConfig()
 
 
+Baseline = Literal["sft", "neftune", "undial", "ceda-only", "jtws-only"]
+# what `eval.methods` may name: the base model, Phase 1's strong model, the WMSS result, and the baselines
+EVAL_METHODS = ("base", "strong", "wmss", *get_args(Baseline))
+
+
 class BaselinesConfig(_Strict):
     """Equal-budget baselines, each one more epoch from the Phase-1 strong model: `sft` (plain), `neftune`,
     `undial`, and the ablations `ceda-only` (SFT on round 1's active set) and `jtws-only` (joint training on
     all the data)."""
 
-    methods: list[Literal["sft", "neftune", "undial", "ceda-only", "jtws-only"]] = ["sft"]
+    methods: list[Baseline] = ["sft"]
     neftune_alpha: float = Field(5.0, gt=0)
     undial_sigma: float = Field(1.0, gt=0)
 
@@ -178,6 +189,26 @@ class EvalConfig(_Strict):
     max_new_tokens: int | None = Field(None, ge=1)
     methods: list[str] = Field(default_factory=lambda: ["base", "strong", "wmss"],
                                description="which models to evaluate; baselines are always added")
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _known_benchmarks(cls, names: list[str]) -> list[str]:
+        from wmss.evaluation.benchmarks import BENCHMARKS
+
+        return _known("benchmark", names, BENCHMARKS)
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, names: list[str]) -> list[str]:
+        return _known("method", names, EVAL_METHODS)
+
+
+def _known(kind: str, names: list[str], allowed) -> list[str]:
+    unknown = [name for name in names if name not in allowed]
+    if unknown:
+        raise ValueError(f"unknown {kind}{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                         f"allowed: {', '.join(allowed)}")
+    return names
 
 
 class TuneConfig(_Strict):
@@ -241,9 +272,13 @@ class WMSSConfig(_Strict):
     ray: RayConfig = RayConfig()
     mlflow: MlflowConfig = MlflowConfig()
 
-
-class ConfigError(SystemExit):
-    """A config that cannot be used; the message names the file, the key, the value and what is allowed."""
+    @model_validator(mode="after")
+    def _evaluated_baselines_run(self):
+        missing = [m for m in self.eval.methods if m in get_args(Baseline) and m not in self.baselines.methods]
+        if missing:
+            raise ValueError(f"`eval.methods` names {', '.join(map(repr, missing))}, which `baselines.methods` "
+                             f"({self.baselines.methods}) does not train; add it there")
+        return self
 
 
 def parse_overrides(pairs: list[str]) -> list[tuple[list[str], Any]]:
@@ -261,14 +296,36 @@ def parse_overrides(pairs: list[str]) -> list[tuple[list[str], Any]]:
     return out
 
 
+def shipped_configs() -> dict[str, str]:
+    """Name (file stem) -> description (its first comment line) of every config shipped in the package."""
+    out = {}
+    for entry in sorted(resources.files(CONFIG_PACKAGE).iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".yaml"):
+            first = next((line for line in entry.read_text().splitlines() if line.startswith("#")), "#")
+            out[entry.name.removesuffix(".yaml")] = first.lstrip("#").strip()
+    return out
+
+
+def config_file(ref: str | os.PathLike | None = None):
+    """The YAML file `ref` names: a file path, else the name of a shipped config (`demo`, `qwen3-8b`: see
+    `shipped_configs`); None is the demo. Returns a Path or an importlib.resources Traversable."""
+    ref = DEFAULT_CONFIG if ref is None else ref
+    path = Path(ref)
+    if path.is_file():
+        return path
+    shipped = resources.files(CONFIG_PACKAGE) / f"{ref}.yaml"
+    if path.name == str(ref) and shipped.is_file():
+        return shipped
+    raise ConfigError(f"config {ref}: no such file, and no shipped config of that name "
+                      f"({', '.join(shipped_configs())}; `wmss config list`)")
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> WMSSConfig:
-    """Read a YAML config (default: configs/demo.yaml), apply `--set` overrides, validate. Raises
-    ConfigError with one line per problem."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
-    if not path.is_file():
-        raise ConfigError(f"config {path}: no such file")
+    """Read a YAML config (a file, or the name of a shipped one; default: the demo), apply `--set`
+    overrides, validate. Raises ConfigError with one line per problem."""
+    path = DEFAULT_CONFIG if path is None else path
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(config_file(path).read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config {path}: not valid YAML: {err}")
     if not isinstance(raw, dict):
@@ -293,28 +350,76 @@ def dump_config(config: WMSSConfig) -> str:
 
 
 def format_validation_error(err: ValidationError, where: str = "config") -> str:
-    """One line per problem: `<where>: key.path = value: message`."""
+    """One line per problem: `<where>: key.path = value: message`. A check of a whole section (a model
+    validator) names the keys it is about in backticks, relative to its section: they are printed with the
+    section's path (`global_batch` under `sft:` as sft.global_batch), and the section's values are not."""
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = ".".join(str(p) for p in e["loc"])
+        key = loc or "(top level)"
         value = e.get("input")
-        shown = "" if e["type"] == "missing" else f" = {value!r}"
-        msg = e["msg"]
+        shown = "" if e["type"] == "missing" or isinstance(value, dict) else f" = {value!r}"
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; `wmss config show` prints every key)"
         elif e["type"] == "literal_error":
             msg = f"not allowed; {msg[0].lower()}{msg[1:]}"
+        elif isinstance(value, dict) and "`" in msg:
+            lines.append(f"{where}: " + re.sub(r"`([^`]+)`", lambda m: f"{loc}.{m[1]}" if loc else m[1], msg))
+            continue
         lines.append(f"{where}: {key}{shown}: {msg}")
     return "\n".join(lines)
 
 
+class _ConfigAction(argparse.Action):
+    """The optional CONFIG positional; argparse assigns it (None when absent) after the options too, which
+    must not undo a CONFIG that `--set` passed on (_SetAction)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values is not None or getattr(namespace, self.dest, None) is None:
+            setattr(namespace, self.dest, values)
+
+
+class _SetAction(argparse.Action):
+    """`--set KEY=VALUE ...` (repeatable). `--set` takes every word up to the next flag, so in
+    `wmss run --set a=1 configs/x.yaml` the config lands here: a word without `=` that is a .yaml/.yml
+    path or a shipped config's name becomes CONFIG (when none was given before)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = list(getattr(namespace, self.dest) or [])
+        for value in values:
+            if ("=" not in value and getattr(namespace, "config", None) is None
+                    and (value.endswith((".yaml", ".yml")) or value in shipped_configs())):
+                namespace.config = value
+            else:
+                items.append(value)
+        setattr(namespace, self.dest, items)
+
+
+def add_config_source_arguments(parser, default: str = "the offline demo") -> None:
+    """CONFIG and `--set`, as every command that reads a workflow config takes them."""
+    parser.add_argument("config", nargs="?", metavar="CONFIG", action=_ConfigAction,
+                        help=f"YAML config file, or the name of a shipped one (`wmss config list`); default: {default}")
+    parser.add_argument("--set", dest="overrides", action=_SetAction, nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config keys (each value is read as YAML), e.g. --set jtws.lam=0.4 "
+                             "baselines.methods=[sft,neftune]; repeatable, before or after CONFIG")
+
+
 def add_config_arguments(parser) -> None:
-    parser.add_argument("action", choices=["show"], help="show: print the resolved config")
-    parser.add_argument("config", nargs="?", help="YAML config (default: configs/demo.yaml)")
-    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
+    parser.add_argument("action", choices=["show", "list"],
+                        help="show: print the resolved config; list: the shipped configs")
+    add_config_source_arguments(parser, "the demo")
 
 
 def run_config_cli(args) -> int:
-    """`wmss config show [CONFIG] [--set ...]`: the validated config with every default filled in."""
+    """`wmss config show [CONFIG] [--set ...]`: the validated config with every default filled in;
+    `wmss config list`: the shipped configs' names and descriptions."""
+    if args.action == "list":
+        if args.config or args.overrides:
+            raise ConfigError("`wmss config list` takes no CONFIG or --set")
+        configs = shipped_configs()
+        width = max(map(len, configs))
+        print("".join(f"{name:<{width}}  {about}\n" for name, about in configs.items()), end="")
+        return 0
     print(dump_config(load_config(args.config, args.overrides)), end="")
     return 0

@@ -20,7 +20,8 @@ import os
 import time
 from pathlib import Path
 
-from wmss.config import ConfigError, TrainingConfig, TuneConfig, WMSSConfig, dump_config
+from wmss.config import (ConfigError, TrainingConfig, TuneConfig, WMSSConfig, add_config_source_arguments,
+                         dump_config)
 from wmss.storage import Localizer, RunStore
 
 TUNE_DIR = "tune"  # the Tuner's experiment folder inside the run directory
@@ -204,9 +205,7 @@ def run_tune(cfg: WMSSConfig, run_dir: str | os.PathLike) -> dict:
 
 
 def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", help="YAML config with a `tune:` section (default: the demo)")
-    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set tune.num_samples=8 tune.search_lr=true")
+    add_config_source_arguments(parser, "the demo; its `tune:` section says what to search")
     parser.add_argument("--run-dir", help="run directory (default: the config's run_dir, else runs/<name>); "
                                           "a `wmss run` directory reuses its SFT and scores")
 

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from wmss.config import ConfigError, WMSSConfig, dump_config
+from wmss.config import ConfigError, WMSSConfig, add_config_source_arguments, dump_config
 from wmss.io import write_json
 from wmss.storage import RunStore, is_uri
 
@@ -430,7 +430,7 @@ def _run_stages(cfg: WMSSConfig, wf: Workflow) -> dict:
 
     # evaluate every method's model on the same problems
     results = {}
-    methods = list(dict.fromkeys([m for m in cfg.eval.methods if m in models] + list(b.methods)))
+    methods = list(dict.fromkeys([*cfg.eval.methods, *b.methods]))  # the config checked every name
     for method in methods:
         path, model_hash = models[method]
         evaluated = wf.stage(f"eval.{method}", {"eval": cfg.eval.model_dump(exclude={"methods"})},
@@ -458,9 +458,7 @@ def format_results(results: dict) -> str:
 
 
 def add_run_arguments(parser) -> None:
-    parser.add_argument("config", nargs="?", help="YAML config (default: configs/demo.yaml, the offline demo)")
-    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set jtws.lam=0.4 baselines.methods=[sft,neftune]")
+    add_config_source_arguments(parser)
     parser.add_argument("--run-dir", help="run directory (default: the config's run_dir, else runs/<name>)")
 
 

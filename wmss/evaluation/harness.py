@@ -17,7 +17,6 @@ from pathlib import Path
 
 from wmss.evaluation.benchmarks import (BENCHMARKS, Problem, default_max_new_tokens, load_benchmark,
                                         problem_record, problems_from_rows)
-from wmss.evaluation.generation import BACKENDS, GenerationRequest, finish_response, generate, stop_token_ids
 from wmss.evaluation.grading import grade
 from wmss.io import atomic_path, write_json
 
@@ -122,14 +121,16 @@ def evaluate(model_dir, benchmarks: list[str], out_dir, *, data_dir=None, limit=
     Decoding follows the paper: greedy at temperature 0 (top-p 1, seed 42), the benchmark's budget of new
     tokens unless `max_new_tokens` overrides it (capped by the model's context), the chat template with
     the benchmark kind's system prompt; `enable_thinking` switches Qwen3's thinking mode (None: the
-    template's default). Uses the connected Ray cluster, else connects to `ray_address` (None: a new local
-    one, shut down again at the end). Metrics go to `mlflow_run` (the workflow's eval stage, a
+    template's default). Joins Ray through `wmss.raycluster.ensure_ray` (the connected cluster, else
+    `ray_address`, else a local one) and leaves it running for the caller's next stage. Metrics go to `mlflow_run` (the workflow's eval stage, a
     `wmss.tracking.StageRun`), else to the active MLflow run, else to a new run (`_log_to_mlflow`)."""
-    import ray
     from transformers import AutoConfig
 
     from wmss.data import format_example
+    # generation imports torch: loaded here, so the config's benchmark check can read BENCHMARKS cheaply
+    from wmss.evaluation.generation import BACKENDS, GenerationRequest, finish_response, generate, stop_token_ids
     from wmss.models import load_tokenizer
+    from wmss.raycluster import ensure_ray
 
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -163,15 +164,9 @@ def evaluate(model_dir, benchmarks: list[str], out_dir, *, data_dir=None, limit=
                                                   min(budget, context - len(prompt_ids)), SEED + sample))
     max_model_len = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address=ray_address, include_dashboard=False)
-    try:
-        generated = generate(model_dir, requests, backend=backend, temperature=temperature, stop_ids=stop_ids,
-                             max_model_len=max_model_len, localizer=localizer)
-    finally:
-        if started_ray:
-            ray.shutdown()
+    ensure_ray(ray_address)
+    generated = generate(model_dir, requests, backend=backend, temperature=temperature, stop_ids=stop_ids,
+                         max_model_len=max_model_len, localizer=localizer)
 
     budgets = {r.key: r.max_new_tokens for r in requests}
     summaries = {}
