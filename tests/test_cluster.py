@@ -296,6 +296,37 @@ def test_config_must_exist_inside_the_uploaded_checkout(checkout, tmp_path_facto
         submit.build_submission(checkout / "configs" / "missing.yaml", [], "r", root=checkout, environ={})
 
 
+def test_the_project_is_the_flag_else_the_current_directory(checkout, tmp_path_factory):
+    config = checkout / "configs" / "exp 1.yaml"
+    assert submit.project_root(str(checkout), None) == checkout.resolve()
+    with pytest.raises(SubmitError, match="--project .*: no such folder"):
+        submit.project_root(str(checkout / "nope"), None)
+    assert submit.project_root(None, None, cwd=checkout) == checkout.resolve()  # it has a pyproject.toml
+    (checkout / "pyproject.toml").unlink()
+    assert submit.project_root(None, config, cwd=checkout) == checkout.resolve()  # it holds the config
+    elsewhere = tmp_path_factory.mktemp("home")
+    with pytest.raises(SubmitError, match="pass --project DIR"):
+        submit.project_root(None, config, cwd=elsewhere)
+    with pytest.raises(SubmitError, match="pass --project DIR"):
+        submit.project_root(None, "demo", cwd=elsewhere)
+
+
+def test_wmss_travels_as_py_modules_unless_the_project_holds_it(checkout):
+    runtime_env = submit.build_runtime_env(checkout, {})
+    assert runtime_env["working_dir"] == str(checkout)
+    assert runtime_env["py_modules"] == [str(ROOT / "wmss"), str(ROOT / "workflows")]
+    assert RuntimeEnv(**runtime_env).py_modules() == runtime_env["py_modules"]
+    assert "py_modules" not in submit.build_runtime_env(ROOT, {})  # the wmss checkout is the project
+    assert submit.wmss_requirements() == submit.pinned_requirements(ROOT / "pyproject.toml")
+
+
+def test_a_shipped_config_name_goes_to_the_job_as_given(checkout):
+    sub = submit.build_submission("qwen3-8b", ["run_dir=/mnt/wmss/runs"], "q", root=checkout, environ={})
+    assert shlex.split(sub.entrypoint)[:3] == ["wmss", "run", "qwen3-8b"]
+    with pytest.raises(SubmitError, match="qwen3-9b does not exist"):
+        submit.build_submission("qwen3-9b", ["run_dir=/mnt/wmss/runs"], "q", root=checkout, environ={})
+
+
 def test_run_names_and_overrides_are_checked():
     with pytest.raises(SubmitError, match="run name 'a b'"):
         submit.check_run_name("a b")

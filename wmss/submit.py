@@ -1,8 +1,10 @@
 """`wmss submit` and `wmss jobs`: the driver workflow as a Ray job on a cluster.
 
 A submission is the local command made remote. Its entrypoint is exactly the `wmss run ...` a user would
-type on a laptop, plus `--run-dir` on shared storage; its runtime environment is this checkout (uploaded as
-the working directory) and the project's pinned requirements (the cluster image provides torch and Ray);
+type on a laptop, plus `--run-dir` on shared storage; its runtime environment is the user's project folder
+(uploaded as the working directory: `--project`, else the current directory), the wmss package itself as a
+py_modules entry when it is not part of that folder, and wmss's pinned requirements (the cluster image
+provides torch and Ray);
 the run name is the job's submission id and the run folder's name, so submitting the same name again
 resumes that run's directory. Credentials come from the environment only and are never printed.
 
@@ -30,6 +32,9 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from wmss.config import ConfigError, add_config_source_arguments, config_file
+from wmss.errors import WmssError
+
 # Ray's token for the job API (the same variable Ray itself reads); sent as a bearer header.
 RAY_TOKEN_ENV = "RAY_AUTH_TOKEN"
 # Secrets the job needs from the submitting user's shell: forwarded only when set, never printed.
@@ -45,7 +50,7 @@ _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-class SubmitError(ValueError):
+class SubmitError(ConfigError):
     """A submission that cannot be made as asked; the message says what to change."""
 
 
@@ -60,13 +65,23 @@ class Submission:
     metadata: dict
 
 
-def project_root() -> Path:
-    """The checkout that is uploaded as the job's working directory (the folder holding pyproject.toml)."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "pyproject.toml").is_file():
-        raise SubmitError(f"`wmss submit` uploads a source checkout, but {root} has no pyproject.toml: "
-                          "install wmss from its repository (`pip install -e .`)")
-    return root
+def project_root(project: str | os.PathLike | None, config: str | os.PathLike | None,
+                 cwd: Path | None = None) -> Path:
+    """The folder uploaded as the job's working directory: `project` (`--project`) when given, else the
+    current directory when it has a pyproject.toml or holds the config file; SubmitError otherwise (the
+    current directory could be a home folder, too big and too private to upload)."""
+    if project is not None:
+        root = Path(project).resolve()
+        if not root.is_dir():
+            raise SubmitError(f"--project {project}: no such folder")
+        return root
+    cwd = (cwd or Path.cwd()).resolve()
+    if (cwd / "pyproject.toml").is_file() or (config is not None and Path(config).resolve().is_relative_to(cwd)
+                                              and Path(config).is_file()):
+        return cwd
+    raise SubmitError(f"which project should the job get? the current directory {cwd} has no pyproject.toml "
+                      "and does not hold the config: pass --project DIR (the folder uploaded as its working "
+                      "directory)")
 
 
 def pinned_requirements(pyproject: Path) -> list[str]:
@@ -75,16 +90,39 @@ def pinned_requirements(pyproject: Path) -> list[str]:
     return [d for d in dependencies if canonicalize_name(Requirement(d).name) not in IMAGE_PROVIDED]
 
 
+def wmss_packages() -> list[Path]:
+    """The folders of the running wmss code: the `wmss` package and the `workflows` drivers beside it."""
+    import workflows
+
+    return [Path(__file__).resolve().parent, Path(workflows.__file__).resolve().parent]
+
+
+def wmss_requirements() -> list[str]:
+    """wmss's own pinned requirements less those the image provides: from the pyproject.toml of its source
+    checkout (an editable install), else from the installed distribution's metadata (a wheel install)."""
+    pyproject = wmss_packages()[0].parent / "pyproject.toml"
+    if pyproject.is_file():
+        return pinned_requirements(pyproject)
+    from importlib.metadata import requires
+
+    wanted = [Requirement(r) for r in requires("wmss") or [] if "extra ==" not in r]
+    return [str(r) for r in wanted if canonicalize_name(r.name) not in IMAGE_PROVIDED]
+
+
 def build_runtime_env(root: Path, environ: Mapping[str, str], *, pip: bool = True) -> dict:
-    """The Ray runtime env of a submission: `root` as working_dir, the pinned requirements as pip (none
+    """The Ray runtime env of a submission: the project `root` as working_dir, the wmss packages as
+    py_modules unless they are inside `root` (a wmss checkout), wmss's pinned requirements as pip (none
     when `pip` is False: the cluster's Python already has them), and env_vars holding only
     PYTHONUNBUFFERED (so streamed logs are live) and the secrets set in `environ`."""
     env_vars = {"PYTHONUNBUFFERED": "1"}
     env_vars.update({name: environ[name] for name in SECRET_ENV_VARS if environ.get(name)})
     # Ray skips .git, .venv and every .gitignore'd path (runs/, mlruns/) when it packs this folder.
     runtime_env = {"working_dir": str(root), "env_vars": env_vars}
+    packages = wmss_packages()
+    if not all(p.is_relative_to(Path(root).resolve()) for p in packages):
+        runtime_env["py_modules"] = [str(p) for p in packages]  # ahead of the image's wmss on sys.path
     if pip:
-        runtime_env["pip"] = pinned_requirements(Path(root) / "pyproject.toml")
+        runtime_env["pip"] = wmss_requirements()
     return runtime_env
 
 
@@ -124,12 +162,12 @@ def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, str]]:
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise SubmitError(f"--set expects KEY=VALUE, got {item!r} (put CONFIG before --set)")
+            raise SubmitError(f"--set expects KEY=VALUE, got {item!r}")
         pairs.append((key.strip(), value))
     return pairs
 
 
-def run_root(config: Path | None, overrides: Sequence[str]) -> str:
+def run_root(config: str | os.PathLike | None, overrides: Sequence[str]) -> str:
     """Where runs live on shared storage: the last `--set run_dir=...`, else the config's `run_dir`.
 
     It must be an absolute path (a volume every node mounts) or a URI (s3://, gs://, ...): a relative path
@@ -154,16 +192,21 @@ def run_dir_for(root: str, run: str) -> str:
     return f"{root.rstrip('/')}/{run}"
 
 
-def config_argument(config: Path, root: Path) -> str:
-    """`config` as the job sees it: a POSIX path relative to the uploaded checkout `root`."""
+def config_argument(config: str | os.PathLike, root: Path) -> str:
+    """`config` as the job sees it: a POSIX path relative to the uploaded project `root`, or the name of a
+    shipped config as given."""
     path = Path(config).resolve()
     if not path.is_file():
-        raise SubmitError(f"config {config} does not exist")
+        try:
+            config_file(config)
+        except ConfigError:
+            raise SubmitError(f"config {config} does not exist (nor is it a shipped config's name)") from None
+        return str(config)
     try:
         return path.relative_to(Path(root).resolve()).as_posix()
     except ValueError:
-        raise SubmitError(f"config {config} is outside {root}, the checkout that is uploaded to the cluster; "
-                          "move it under the checkout (e.g. configs/)") from None
+        raise SubmitError(f"config {config} is outside {root}, the project that is uploaded to the cluster; "
+                          "move it under the project or pass --project") from None
 
 
 def build_entrypoint(config_arg: str | None, overrides: Sequence[str], run_dir: str) -> str:
@@ -178,7 +221,7 @@ def build_entrypoint(config_arg: str | None, overrides: Sequence[str], run_dir: 
     return shlex.join(argv)
 
 
-def build_submission(config: Path | None, overrides: Sequence[str], run: str, *, root: Path,
+def build_submission(config: str | os.PathLike | None, overrides: Sequence[str], run: str, *, root: Path,
                      environ: Mapping[str, str], pip: bool = True) -> Submission:
     """Everything `wmss submit` sends for run `run`, built and checked without contacting a cluster;
     `pip=False` sends no pip requirements (see build_runtime_env)."""
@@ -235,13 +278,13 @@ _ADDRESS_HELP = ("Ray job API of the cluster, e.g. http://HEAD:8265 (default: $R
 
 
 def add_submit_arguments(parser) -> None:
-    parser.add_argument("config", nargs="?", type=Path,
-                        help="workflow config inside this checkout (default: the embedded demo)")
+    add_config_source_arguments(parser, "the demo; a file must be inside the project")
+    parser.add_argument("--project", metavar="DIR",
+                        help="the folder uploaded as the job's working directory (default: the current "
+                             "directory, when it has a pyproject.toml or holds the config)")
     parser.add_argument("--address", help=_ADDRESS_HELP)
     parser.add_argument("--name", help="run name: the job's submission id and the run folder <run_dir>/<name>; "
                                        "submitting a name again resumes that run (default: <config>-<UTC time>)")
-    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
-                        metavar="KEY=VALUE", help="config overrides, passed to `wmss run` as given")
     parser.add_argument("--wait", action="store_true",
                         help="stream the job's logs, print its final status, exit non-zero unless it SUCCEEDED")
     parser.add_argument("--runtime-env-pip", action=argparse.BooleanOptionalAction, default=True,
@@ -258,7 +301,7 @@ def add_jobs_arguments(parser) -> None:
                                                               "exit non-zero unless it SUCCEEDED")
 
 
-class _ClusterError(Exception):
+class _ClusterError(WmssError):
     """The job API could not be reached or refused a request."""
 
 
@@ -308,14 +351,11 @@ def _follow(client, submission_id: str, run: str) -> int:
 
 
 def run_submit(args) -> int:
-    try:
-        run = check_run_name(args.name) if args.name else default_run_name(args.config)
-        submission = build_submission(args.config, args.overrides, run, root=project_root(),
-                                      environ=os.environ, pip=args.runtime_env_pip)
-        address = _cluster_address(args.address)
-    except SubmitError as e:
-        print(f"wmss submit: error: {e}", file=sys.stderr)
-        return 2
+    config = None if args.config is None else Path(args.config)
+    run = check_run_name(args.name) if args.name else default_run_name(config)
+    submission = build_submission(args.config, args.overrides, run, root=project_root(args.project, args.config),
+                                  environ=os.environ, pip=args.runtime_env_pip)
+    address = _cluster_address(args.address)
     print(format_submission(submission, address), flush=True)
     try:
         client = _connect(address)
@@ -324,29 +364,19 @@ def run_submit(args) -> int:
                           submission_id=submission_id, metadata=submission.metadata)
         print(f"submitted {submission_id}", flush=True)
         return _follow(client, submission_id, run) if args.wait else 0
-    except SubmitError as e:
-        print(f"wmss submit: error: {e}", file=sys.stderr)
-        return 2
-    except (_ClusterError, OSError, RuntimeError, ValueError) as e:
-        print(f"wmss submit: error: {e}", file=sys.stderr)
-        return 1
+    except (OSError, RuntimeError, ValueError) as e:
+        raise _ClusterError(str(e)) from e
 
 
 def run_jobs(args) -> int:
     if args.follow and args.action != "logs":
-        print("wmss jobs: error: --follow only applies to `logs`", file=sys.stderr)
-        return 2
-    try:
-        address = _cluster_address(args.address)
-    except SubmitError as e:
-        print(f"wmss jobs: error: {e}", file=sys.stderr)
-        return 2
+        raise ConfigError("--follow only applies to `logs`")
+    address = _cluster_address(args.address)
     try:
         client = _connect(address)
         job = resolve_job(args.run, client.list_jobs())
         if job is None:
-            print(f"wmss jobs: error: no job for run {args.run!r} on {address}", file=sys.stderr)
-            return 1
+            raise _ClusterError(f"no job for run {args.run!r} on {address}")
         submission_id = job.submission_id
         if args.action == "status":
             reason = _reason(job.message)
@@ -359,9 +389,8 @@ def run_jobs(args) -> int:
             print(f"{args.run}: stop requested (job {submission_id})")
         else:
             print(f"{args.run}: already {job.status} (job {submission_id})")
-    except (_ClusterError, OSError, RuntimeError, ValueError) as e:
-        print(f"wmss jobs: error: {e}", file=sys.stderr)
-        return 1
+    except (OSError, RuntimeError, ValueError) as e:
+        raise _ClusterError(str(e)) from e
     return 0
 
 
@@ -370,10 +399,13 @@ def _reason(message: str | None) -> str:
     return (message or "").strip().split("\n")[0].split(", last available logs")[0]
 
 
-def _read_config(config: Path) -> dict:
-    """The top-level mapping of a YAML config; SubmitError names the file (and line) otherwise."""
+def _read_config(config: str | os.PathLike) -> dict:
+    """The top-level mapping of a YAML config (a file or a shipped config's name); SubmitError names the
+    file (and line) otherwise."""
     try:
-        data = yaml.safe_load(Path(config).read_text())
+        data = yaml.safe_load(config_file(config).read_text())
+    except ConfigError as e:
+        raise SubmitError(str(e)) from None
     except OSError as e:
         raise SubmitError(f"cannot read config {config}: {e.strerror}") from None
     except yaml.YAMLError as e:
