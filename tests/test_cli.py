@@ -75,6 +75,16 @@ def test_bad_flags_exit_2_like_config_errors(capsys):
     assert "no such file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, named", [
+    (["--benchmarks", "gsm8k,gsm8kk"], "unknown benchmark(s) ['gsm8kk']"),
+    (["--benchmarks", "gsm8k", "--samples", "4"], "identical greedy responses"),
+])
+def test_a_bad_eval_flag_is_one_line_and_exit_2(flags, named, tmp_path, capsys):
+    assert main(["eval", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "out"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("wmss eval: ") and named in err and len(err.splitlines()) == 1, err
+
+
 def _first_comment(path: Path) -> str:
     return next(line for line in path.read_text().splitlines() if line.startswith("#")).lstrip("#").strip()
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from wmss.evaluation.benchmarks import (BENCHMARKS, Problem, default_max_new_tokens, load_benchmark,
                                         problem_record, problems_from_rows)
 from wmss.evaluation.grading import grade
+from wmss.errors import ConfigError, InputError
 from wmss.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -91,10 +92,10 @@ def _load_problems(benchmarks: list[str], data_dir, limit: int | None,
     extra = extra_benchmarks or {}
     clash = sorted(set(extra) & set(BENCHMARKS))
     if clash:
-        raise ValueError(f"extra benchmarks {clash} would shadow built-in benchmarks; rename them")
+        raise ConfigError(f"extra benchmarks {clash} would shadow built-in benchmarks; rename them")
     unknown = [name for name in benchmarks if name not in BENCHMARKS and name not in extra]
     if unknown:
-        raise ValueError(f"unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}"
+        raise ConfigError(f"unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}"
                          + (f"; extra: {', '.join(extra)}" if extra else ""))
     names = list(dict.fromkeys([*benchmarks, *extra]))  # given order, extras last, no repeats
     problems = {}
@@ -103,7 +104,7 @@ def _load_problems(benchmarks: list[str], data_dir, limit: int | None,
             rows = ((f"row {i}", row) for i, row in enumerate(extra[name]))
             problems[name] = problems_from_rows(rows, f"extra benchmark {name!r}", name)[:limit]
             if not problems[name]:
-                raise ValueError(f"extra benchmark {name!r} has no rows")
+                raise InputError(f"extra benchmark {name!r} has no rows")
         else:
             problems[name] = load_benchmark(name, data_dir, limit)
     return problems
@@ -133,16 +134,16 @@ def evaluate(model_dir, benchmarks: list[str], out_dir, *, data_dir=None, limit=
     from wmss.raycluster import ensure_ray
 
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
+        raise ConfigError(f"samples must be >= 1, got {samples}")
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+        raise ConfigError(f"temperature must be >= 0, got {temperature}")
     if samples > 1 and temperature == 0:
-        raise ValueError(f"samples={samples} with temperature 0 gives {samples} identical greedy responses; "
+        raise ConfigError(f"samples={samples} with temperature 0 gives {samples} identical greedy responses; "
                          "set a temperature > 0 for pass@k")
     if max_new_tokens is not None and max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     out_dir = Path(out_dir)
     problems = _load_problems(list(benchmarks), data_dir, limit, extra_benchmarks)
     tokenizer = load_tokenizer(model_dir)
@@ -156,7 +157,7 @@ def evaluate(model_dir, benchmarks: list[str], out_dir, *, data_dir=None, limit=
             prompt_ids = format_example(problem_record(name, problem), tokenizer,
                                         enable_thinking=enable_thinking).input_ids
             if len(prompt_ids) >= context:
-                raise ValueError(f"benchmark {name!r}, problem {problem.id!r}: the prompt has {len(prompt_ids)} "
+                raise InputError(f"benchmark {name!r}, problem {problem.id!r}: the prompt has {len(prompt_ids)} "
                                  f"tokens, the model's whole context is {context}")
             prompts[(name, problem.id)] = prompt_ids
             for sample in range(samples):
