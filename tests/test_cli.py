@@ -5,7 +5,9 @@ alone, and Ray is joined in one place only."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 import sys
 import types
@@ -150,8 +152,13 @@ def test_null_batch_size_names_the_section_the_user_wrote(capsys):
 
 
 def test_the_wheel_ships_the_configs_and_every_module(tmp_path):
+    source = tmp_path / "src"  # a copy: an in-tree build would leave build/ (and stale modules) in the repo
+    for name in ("wmss", "workflows", "configs"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
+                           "-w", str(tmp_path), str(source)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     (wheel,) = tmp_path.glob("wmss-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -160,6 +167,16 @@ def test_the_wheel_ships_the_configs_and_every_module(tmp_path):
     modules = {p.relative_to(REPO).as_posix() for folder in ("wmss", "workflows")
                for p in (REPO / folder).rglob("*.py")}
     assert modules <= names, f"missing from the wheel (add the package to pyproject.toml): {modules - names}"
+
+    # the unpacked wheel, ahead of this checkout on sys.path, shows the demo by name from anywhere
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    code = ("import sys, wmss.config; from wmss.cli import main; "
+            f"assert wmss.config.__file__.startswith({str(tmp_path / 'site')!r}), wmss.config.__file__; "
+            "sys.exit(main(['config', 'show', 'demo']))")
+    shown = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert shown.returncode == 0, shown.stderr
+    assert yaml.safe_load(shown.stdout) == load_config(REPO / "configs" / "demo.yaml").model_dump(mode="json")
 
 
 def test_ray_is_started_in_one_place_only():
