@@ -56,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     through argparse's SystemExit; Ctrl-C returns 130."""
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)
-    if not argv:
+    args = parser.parse_args(argv)
+    if args.command is None:  # plain `wmss`: the usage, as git and docker print it
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    args = parser.parse_args(argv)
     module, _add_fn, run_fn, _help = COMMANDS[args.command]
     try:
         return int(getattr(importlib.import_module(module), run_fn)(args) or 0)

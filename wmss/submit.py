@@ -4,9 +4,8 @@ A submission is the local command made remote. Its entrypoint is exactly the `wm
 type on a laptop, plus `--run-dir` on shared storage; its runtime environment is the user's project folder
 (uploaded as the working directory: `--project`, else the current directory), the wmss package itself as a
 py_modules entry when it is not part of that folder, and wmss's pinned requirements (the cluster image
-provides torch and Ray);
-the run name is the job's submission id and the run folder's name, so submitting the same name again
-resumes that run's directory. Credentials come from the environment only and are never printed.
+provides torch and Ray); the run name is the job's submission id and the run folder's name, so submitting
+the same name again resumes that run's directory. Credentials come from the environment only and are never printed.
 
 Everything that decides what is sent is a pure function, tested without a cluster; the two commands at
 the bottom are thin wrappers around Ray's `JobSubmissionClient`.
