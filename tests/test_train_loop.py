@@ -145,7 +145,7 @@ def test_fused_and_chunked_losses_are_exact_on_peaked_logits():
     """cut-cross-entropy's fused loss (its torch_compile implementation runs on CPU) and the chunked loss,
     for one head (SFT) and two (JTWS), against a float64 full-logit reference on the same inputs: every
     gradient, the tiny non-target ones a saturated model has included, is as close to it as a float32
-    full-logit computation gets (the best float32 can do), and no non-target row gets exactly zero."""
+    full-logit computation gets, and no non-target row gets exactly zero."""
     n, vocab, lam = 96, 512, 0.4
     h_w, w_w, labels = _peaked(n, 64, vocab, seed=1)
     h_s, w_s, _ = _peaked(n, 64, vocab, seed=2, labels=labels)
@@ -180,6 +180,8 @@ def test_fused_and_chunked_losses_are_exact_on_peaked_logits():
             assert bool((got[-1][nontarget_rows] != 0).all()), f"{name}: a non-target row got exactly zero gradient"
         floor = errors["float32 full logits"]
         assert errors["fused"] <= 1.5 * floor and errors["chunked"] <= 1.5 * floor, (len(coefs), errors)
+        # the chunked loss keeps the max apart and uses log1p/expm1: far better than float32 full logits here
+        assert errors["chunked"] < 2e-5, (len(coefs), errors)
 
 
 def test_gradient_filter_is_off_unless_configured():
@@ -254,9 +256,7 @@ def test_three_model_mix_trains_under_plain_torch_distributed(three_models, demo
 
 
 def test_zero3_constructs_the_models_partitioned(tiny_model_dir, single_process_group):
-    import torch.distributed as dist
-
-    from wmss.train_loop import init_distributed, load_models
+    from wmss.train_loop import init_distributed, load_models, shutdown_distributed
 
     started = init_distributed()
     try:
@@ -270,7 +270,7 @@ def test_zero3_constructs_the_models_partitioned(tiny_model_dir, single_process_
         assert sum(p.ds_numel for p in params) == sum(p.numel() for p in reference.parameters())
     finally:
         if started:
-            dist.destroy_process_group()
+            shutdown_distributed()
 
 
 def test_plain_torch_distributed_resumes_from_its_last_checkpoint(tiny_model_dir, demo_rows, tmp_path,

@@ -455,11 +455,25 @@ def init_distributed() -> bool:
     return True
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group; through DeepSpeed when it joined it, so that it forgets the groups it
+    cloned from this one (a later process group in this process would otherwise meet stale ones)."""
+    import sys
+
+    import torch.distributed as dist
+
+    if "deepspeed" in sys.modules:
+        import deepspeed.comm
+
+        if deepspeed.comm.is_initialized():
+            deepspeed.comm.destroy_process_group()
+            return
+    dist.destroy_process_group()
+
+
 def run_plain(job: dict, plan_path, root, val_path=None) -> dict:
     """Run `train_loop` under plain torch.distributed (see `init_distributed`). Returns the final metrics;
     the kept model is in the last checkpoint's `hf_model` folder under `root`."""
-    import torch.distributed as dist
-
     started = init_distributed()
     try:
         session = TorchDistSession(plan_path, root, val_path)
@@ -467,4 +481,4 @@ def run_plain(job: dict, plan_path, root, val_path=None) -> dict:
         return session.final_metrics or {}
     finally:
         if started:
-            dist.destroy_process_group()
+            shutdown_distributed()

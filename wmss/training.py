@@ -268,7 +268,7 @@ def train_plain(heads: list[dict], *, name: str, data, root, options: TrainingCo
     import torch.distributed as dist
 
     from wmss.io import write_parquet
-    from wmss.train_loop import init_distributed, run_plain
+    from wmss.train_loop import init_distributed, run_plain, shutdown_distributed
 
     root = Path(root)
     job, tables, _ = prepare(heads, name=name, data=data, options=options, **prepare_kwargs)
@@ -282,7 +282,7 @@ def train_plain(heads: list[dict], *, name: str, data, root, options: TrainingCo
                   val_path=root / "val.parquet" if "val" in tables else None)
     finally:
         if started:
-            dist.destroy_process_group()
+            shutdown_distributed()
     last = sorted((root / "checkpoints").glob("checkpoint_*"))[-1]
     return last / FINAL_MODEL_DIR
 
