@@ -56,7 +56,7 @@ class Clock:
 
 
 def run_udf(scorer, tables) -> tuple[Clock, dict[str, dict[str, float]]]:
-    """The time to score every table with a wmss.scoring class UDF (after one warm-up call) and the values."""
+    """The time to score every table with a wmss.scoring.Scorer (after one warm-up call) and the values."""
     scorer(tables[0])
     with Clock() as clock:
         outputs = [scorer(table) for table in tables]
@@ -109,7 +109,7 @@ def main() -> None:
 
     from wmss.data import records_from_rows
     from wmss.io import write_json
-    from wmss.scoring import batch_tables, prepare_scoring, scorer_udf
+    from wmss.scoring import Scorer, batch_tables, prepare_scoring
     from wmss.synthetic import make_problems, training_rows
 
     with tempfile.TemporaryDirectory(prefix="wmss-bench-") as tmp:
@@ -122,8 +122,7 @@ def main() -> None:
         n_tokens = int(sum(len(t) for t in job.tokens))
         n_completion = int(job.n_completion_tokens.sum())
 
-        scorer, kwargs = scorer_udf(job, job.models[0], max_model_len)
-        torch_s, torch_values = run_udf(scorer(**kwargs), batch_tables(job, indices))
+        torch_s, torch_values = run_udf(Scorer(job.backend, job.models[0], max_model_len), batch_tables(job, indices))
         exact = torch_values["entropy_bench"]
         reference_s, reference_values = run_reference(model_dir, job)
         max_diff = max(abs(exact[i] - reference_values[i]) for i in job.ids)
@@ -149,9 +148,8 @@ def main() -> None:
         if not args.no_vllm:
             vllm_job = prepare_scoring({"bench": model_dir}, records, Path(tmp) / "scores.parquet", backend="vllm",
                                        top_k=args.top_k, token_budget=args.token_budget)
-            scorer, kwargs = scorer_udf(vllm_job, vllm_job.models[0], max_model_len)
             start = time.perf_counter()
-            vllm_scorer = scorer(**kwargs)
+            vllm_scorer = Scorer(vllm_job.backend, vllm_job.models[0], max_model_len)
             init_s = time.perf_counter() - start
             vllm_s, vllm_values = run_udf(vllm_scorer, batch_tables(vllm_job, indices))
             estimate = np.array([vllm_values["entropy_bench"][i] for i in job.ids])

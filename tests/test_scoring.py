@@ -1,5 +1,6 @@
-"""wmss.scoring: token-budget packing, the exact torch scorer and the vLLM top-K scorer against full-logit
-references, argument checks before Ray, and the Ray Data job (both backends, resume)."""
+"""wmss.scoring: token-budget packing, the exact torch scorer (float32 and bfloat16 models) and the vLLM
+top-K scorer against full-logit references, the backend interface and the certification of ΔH's sign,
+argument checks before Ray, and the Ray Data job (both backends, resume)."""
 
 from __future__ import annotations
 
@@ -16,16 +17,24 @@ import torch
 
 from wmss.cli import main as wmss_main
 from wmss.data import load_records, tokenize_records
+from wmss.errors import ConfigError, InputError
 from wmss.io import write_parquet
 from wmss.losses import entropy_bounds_from_topk
-from wmss.models import load_causal_lm, load_tokenizer, make_tiny_model, output_weight
+from wmss.models import final_hidden, load_causal_lm, load_tokenizer, make_tiny_model, output_weight
 from wmss.scoring import (
+    Scorer,
+    ScoringBackend,
+    TorchBackend,
+    VllmBackend,
+    batch_tables,
+    certify,
     collate,
     pack_by_token_budget,
     prepare_scoring,
     run_scoring,
     score_batch,
     score_entropy,
+    scoring_dtype,
     topk_sample_entropy,
 )
 
@@ -114,6 +123,36 @@ def test_score_batch_matches_full_logits_on_random_padded_batches(models):
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
 
 
+def test_score_batch_of_a_bfloat16_model_is_the_float32_entropy_of_its_hidden_states(models):
+    """A bfloat16 model (the GPU default) gets float32 logits and entropies, not bfloat16-rounded logits."""
+    model = load_causal_lm(models["strong"], dtype=torch.bfloat16).eval()
+    gen = torch.Generator().manual_seed(2)
+    tokens = [torch.randint(0, output_weight(model).shape[0], (n,), generator=gen).numpy() for n in (30, 17, 44)]
+    batch = collate(tokens, [5, 9, 2])
+    got = score_batch(model, output_weight(model), batch)
+    with torch.no_grad():
+        hidden = final_hidden(model, batch["input_ids"], batch["attention_mask"]).double()
+        logp = (hidden @ output_weight(model).double().t()).log_softmax(dim=-1)
+    entropy = -(logp.exp() * logp).sum(dim=-1)
+    mask = batch["labels"][:, 1:] != -100
+    want = (entropy[:, :-1] * mask).sum(dim=1) / mask.sum(dim=1)
+    assert got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)  # bf16 logits would miss by ~1e-2
+
+
+def test_scoring_dtype_is_bfloat16_on_gpus_float32_on_cpu_unless_set():
+    assert scoring_dtype("cpu") == torch.float32
+    assert scoring_dtype("cuda") == scoring_dtype("cuda:3") == torch.bfloat16
+    assert scoring_dtype("cuda", "float32") == torch.float32 and scoring_dtype("cpu", "bfloat16") == torch.bfloat16
+    with pytest.raises(ConfigError, match="scoring dtype must be one of"):
+        scoring_dtype("cuda", "int8")
+    cpu, gpu = TorchBackend(gpus_per_actor=0), TorchBackend(gpus_per_actor=1)  # building one loads nothing
+    assert (cpu.device, cpu.dtype, gpu.device, gpu.dtype) == ("cpu", torch.float32, "cuda", torch.bfloat16)
+    assert cpu.key(None) != gpu.key(None)  # a dtype change rescoring, not resuming, the parts
+    with pytest.raises(ConfigError, match="runs its model on one device"):
+        TorchBackend(gpus_per_actor=2)
+
+
 def _flat_prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int], k: int):
     """vLLM's FlatLogprobs for one prompt, built with vLLM's own append function as its engine does:
     per position t >= 1 the predicted token with its rank, then the top-k of the row predicting it."""
@@ -152,6 +191,47 @@ def test_topk_sample_entropy_matches_bounds_and_exact_entropy():
         topk_sample_entropy(_flat_prompt_logprobs(logits, ids, 5), prompt_length, 6, vocab)
 
 
+def test_certify_needs_disjoint_intervals():
+    lower_weak, upper_weak = np.array([1.0, 1.0, 1.0, 1.0, 1.0]), np.array([2.0, 2.0, 2.0, 2.0, 2.0])
+    lower_strong = np.array([2.5, 0.2, 1.5, 0.5, 2.0])  # above, below, inside, around, touching
+    upper_strong = np.array([3.0, 0.9, 1.8, 2.5, 2.4])
+    np.testing.assert_array_equal(certify([lower_weak, lower_strong], [upper_weak, upper_strong]),
+                                  [True, True, False, False, False])
+    third = ([np.full(5, 5.0)], [np.full(5, 6.0)])  # disjoint from both: every pair still decides
+    np.testing.assert_array_equal(certify([lower_weak, lower_strong] + third[0], [upper_weak, upper_strong] + third[1]),
+                                  [True, True, False, False, False])
+    assert certify([lower_weak], [upper_weak]).all()  # one model: nothing to order
+    values = {"entropy_weak": (lower_weak + upper_weak) / 2, "entropy_strong": (lower_strong + upper_strong) / 2,
+              "entropy_weak_lower": lower_weak, "entropy_weak_upper": upper_weak,
+              "entropy_strong_lower": lower_strong, "entropy_strong_upper": upper_strong}
+    vllm = VllmBackend(top_k=5)
+    np.testing.assert_array_equal(vllm.certified(values, ["weak", "strong"]), [True, True, False, False, False])
+    assert TorchBackend().certified(values, ["weak", "strong"]).all()  # exact values are always certified
+
+
+def test_backends_share_one_interface(models, data_file, tmp_path):
+    for backend in (TorchBackend(), VllmBackend(top_k=5)):  # abstract methods left out would refuse to build
+        assert isinstance(backend, ScoringBackend)
+    jobs = {name: prepare_scoring(models, data_file, tmp_path / f"{name}.parquet", backend=name, top_k=5)
+            for name in ("torch", "vllm")}
+    assert jobs["torch"].columns == ["id", "n_completion_tokens", "entropy_weak", "entropy_strong", "certified"]
+    assert jobs["vllm"].columns == ["id", "n_completion_tokens", "entropy_weak", "entropy_strong",
+                                    "entropy_weak_lower", "entropy_weak_upper", "entropy_strong_lower",
+                                    "entropy_strong_upper", "certified"]
+    assert jobs["torch"].key != jobs["vllm"].key
+    # the generic Ray adapter on a torch backend, in process: exactly the backend's columns, and its values
+    job = jobs["torch"]
+    scorer = Scorer(job.backend, job.models[0], max_model_len=max(map(len, job.tokens)) + 1)
+    out = [scorer(table) for table in batch_tables(job, list(range(len(job.ids))))]
+    assert all(t.column_names[-1:] == ["entropy_weak"] for t in out)
+    got = dict(zip(sum((t["ids"][0].as_py() for t in out), []), sum((t["entropy_weak"][0].as_py() for t in out), [])))
+    records, _ = load_records(data_file)
+    reference = load_causal_lm(models["weak"]).eval()
+    first = tokenize_records(records[:1], load_tokenizer(models["weak"]))[0][0]
+    assert got[first["id"]] == pytest.approx(_reference_entropy(reference, first["input_ids"],
+                                                                first["labels"].count(-100)), rel=1e-5)
+
+
 # ---------------------------------------------------------------------------- arguments, before Ray
 
 
@@ -187,14 +267,14 @@ def test_bad_arguments_fail_with_a_message_before_ray(models, data_file, tmp_pat
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["ray_imported"] is False
     for expected, (code, err) in report["results"].items():
-        assert code == 2 and expected in err and err.startswith("wmss score: error:"), (expected, err)
+        assert code == 2 and expected in err and err.startswith("wmss score: "), (expected, err)
 
 
 def test_models_must_share_a_tokenizer(models, data_file, tmp_path):
     other = make_tiny_model(tmp_path / "other-vocab", vocab=400)  # the corpus fills ~640 tokens: 400 differs
-    with pytest.raises(ValueError, match="different tokenizers or chat templates"):
+    with pytest.raises(InputError, match="different tokenizers or chat templates"):
         prepare_scoring({"weak": models["weak"], "strong": other}, data_file, tmp_path / "s.parquet")
-    with pytest.raises(ValueError, match="handles 8 positions; pass max_length <= 7"):
+    with pytest.raises(InputError, match="handles 8 positions; pass max_length <= 7"):
         short = make_tiny_model(tmp_path / "short", max_position=8)
         prepare_scoring({"short": short}, data_file, tmp_path / "s.parquet")
 
@@ -202,8 +282,8 @@ def test_models_must_share_a_tokenizer(models, data_file, tmp_path):
 def test_a_part_that_does_not_fit_the_job_is_named(models, data_file, tmp_path):
     job = prepare_scoring({"weak": models["weak"]}, data_file, tmp_path / "scores.parquet")
     write_parquet(job.parts_dir / "part-00000.parquet", {"id": ["nope"], "n_completion_tokens": [3],
-                                                         "entropy_weak": [1.0]})
-    with pytest.raises(ValueError, match=r"part-00000.parquet: id 'nope' is not in the data"):
+                                                         "entropy_weak": [1.0], "certified": [True]})
+    with pytest.raises(InputError, match=r"part-00000.parquet: id 'nope' is not in the data"):
         run_scoring(job)  # fails while reading the parts, before Ray is touched
     assert not job.out.exists()
 
@@ -218,7 +298,8 @@ def test_torch_job_scores_weak_and_strong_exactly(ray_local, models, data_file, 
             "--out", str(out), "--actors", "1:2", "--cpus-per-actor", "0.5", "--token-budget", "700"]
     assert wmss_main(argv) == 0
     table = pq.read_table(out)
-    assert table.column_names == ["id", "n_completion_tokens", "entropy_weak", "entropy_strong"]
+    assert table.column_names == ["id", "n_completion_tokens", "entropy_weak", "entropy_strong", "certified"]
+    assert table.column("certified").to_pylist() == [True] * len(reference["id"])  # exact values: always
     assert table.column("id").to_pylist() == reference["id"]  # every input id once, in input order
     assert table.column("n_completion_tokens").to_pylist() == reference["n_completion_tokens"]
     for name in ("weak", "strong"):
@@ -237,7 +318,8 @@ def test_torch_job_scores_weak_and_strong_exactly(ray_local, models, data_file, 
 def test_rerun_reuses_finished_parts_and_ignores_debris(ray_local, models, data_file, reference, tmp_path, capsys):
     job = prepare_scoring({"weak": models["weak"]}, data_file, tmp_path / "scores.parquet", cpus_per_actor=0.5)
     planted = {"id": job.ids[:5], "n_completion_tokens": job.n_completion_tokens[:5],
-               "entropy_weak": [100.0 + i for i in range(5)]}  # impossible entropies: they can only come from the part
+               "entropy_weak": [100.0 + i for i in range(5)],  # impossible entropies: they can only come from the part
+               "certified": [True] * 5}
     write_parquet(job.parts_dir / "part-00000.parquet", planted)
     debris = job.parts_dir / ".part-00001.parquet.x1y2.tmp"  # what a kill during atomic_path leaves behind
     debris.mkdir()
@@ -266,8 +348,17 @@ def test_vllm_top_k_bounds_contain_the_exact_entropy(ray_local, models, data_fil
     table = pq.read_table(out)
     assert table.column_names == ["id", "n_completion_tokens", "entropy_weak", "entropy_strong",
                                   "entropy_weak_lower", "entropy_weak_upper", "entropy_strong_lower",
-                                  "entropy_strong_upper"]
+                                  "entropy_strong_upper", "certified"]
     assert table.column("id").to_pylist() == reference["id"]
+    bounds = {c: table.column(c).to_numpy() for c in table.column_names if c.endswith(("_lower", "_upper"))}
+    certified = table.column("certified").to_numpy()
+    np.testing.assert_array_equal(certified, certify([bounds["entropy_weak_lower"], bounds["entropy_strong_lower"]],
+                                                     [bounds["entropy_weak_upper"], bounds["entropy_strong_upper"]]))
+    # where the bounds certify the sign of dH, the exact entropies have that sign
+    says_rose = bounds["entropy_strong_lower"] > bounds["entropy_weak_upper"]
+    exact_rose = reference["strong"] > reference["weak"]
+    np.testing.assert_array_equal(says_rose[certified], exact_rose[certified])
+    print(f"vLLM top-5: {np.mean(~certified):.0%} of samples with the sign of dH uncertified")
     for name in ("weak", "strong"):
         exact = reference[name]
         estimate, lower, upper = (table.column(f"entropy_{name}{s}").to_numpy() for s in ("", "_lower", "_upper"))
@@ -288,6 +379,7 @@ def test_vllm_with_the_whole_vocabulary_equals_torch(ray_local, models, data_fil
                       "--out", str(out), "--backend", "vllm", "--top-k", "2048", "--cpus-per-actor", "0.5"]) == 0
     table = pq.read_table(out)
     assert table.column_names == ["id", "n_completion_tokens", "entropy_weak", "entropy_weak_lower",
-                                  "entropy_weak_upper"]
+                                  "entropy_weak_upper", "certified"]
+    assert all(table.column("certified").to_pylist())  # one model: no pair to order
     for column in ("entropy_weak", "entropy_weak_lower", "entropy_weak_upper"):
         np.testing.assert_allclose(table.column(column).to_numpy(), reference["weak"], atol=TOLERANCE)

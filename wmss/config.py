@@ -147,6 +147,9 @@ class ScoringConfig(_Strict):
     cpus_per_actor: float = Field(1.0, gt=0)
     top_k: int = Field(20, ge=1, description="vLLM backend: log-probs kept per position")
     token_budget: int = Field(16384, ge=1, description="padded tokens per scoring batch")
+    dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
+        None, description="torch backend: the models' dtype (default bfloat16 on GPU, float32 on CPU; the entropy "
+                          "is float32 either way)")
 
 
 class CedaConfig(_Strict):

