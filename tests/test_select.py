@@ -1,4 +1,5 @@
-"""wmss.selection: `wmss select` draws the active set from a scores parquet exactly as wmss.curriculum does."""
+"""wmss.selection: `wmss select` draws the active set from a scores parquet exactly as wmss.curriculum does,
+and refuses scores whose share of samples with an uncertified sign of ΔH is above ceda.max_uncertified."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 
 from wmss.cli import main as wmss_main
 from wmss.curriculum import draw_active_set, sampling_weights
+from wmss.errors import ConfigError, InputError
 from wmss.io import write_parquet
 from wmss.selection import select_active_set, summary_path
 
@@ -63,24 +65,24 @@ def test_defaults_are_the_methods(tmp_path):
 
 def test_bad_scores_are_named(tmp_path):
     path = tmp_path / "scores.parquet"
-    with pytest.raises(FileNotFoundError, match="no such scores file"):
+    with pytest.raises(InputError, match="no such scores file"):
         select_active_set(path, tmp_path / "a.parquet")
     write_parquet(path, {"id": ["a", "b"], "entropy_weak": [1.0, 2.0]})
-    with pytest.raises(ValueError, match=r"scores.parquet: missing column\(s\) \['entropy_strong'\]"):
+    with pytest.raises(InputError, match=r"scores.parquet: missing column\(s\) \['entropy_strong'\]"):
         select_active_set(path, tmp_path / "a.parquet")
     write_parquet(path, {"id": ["a", "b"], "entropy_weak": [1.0, None], "entropy_strong": [1.0, 2.0]})
-    with pytest.raises(ValueError, match=r"scores.parquet, row 1, column 'entropy_weak': missing value"):
+    with pytest.raises(InputError, match=r"scores.parquet, row 1, column 'entropy_weak': missing value"):
         select_active_set(path, tmp_path / "a.parquet")
     write_parquet(path, {"id": ["a", "b"], "entropy_weak": [1.0, float("nan")], "entropy_strong": [1.0, 2.0]})
-    with pytest.raises(ValueError, match=r"scores.parquet: entropy_weak of sample id 'b' is .*nan"):
+    with pytest.raises(InputError, match=r"scores.parquet: entropy_weak of sample id 'b' is .*nan"):
         select_active_set(path, tmp_path / "a.parquet")
     write_parquet(path, {"id": ["a", "a"], "entropy_weak": [1.0, 2.0], "entropy_strong": [1.0, 2.0]})
-    with pytest.raises(ValueError, match="id 'a' appears more than once"):
+    with pytest.raises(InputError, match="id 'a' appears more than once"):
         select_active_set(path, tmp_path / "a.parquet")
     write_parquet(path, {"id": ["a", "b"], "entropy_weak": [1.0, 2.0], "entropy_strong": [1.0, 2.0]})
-    with pytest.raises(ValueError, match="multiplier must be a number > 0"):
+    with pytest.raises(ConfigError, match="multiplier must be a number > 0"):
         select_active_set(path, tmp_path / "a.parquet", multiplier=0)
-    with pytest.raises(ValueError, match="draws no sample"):
+    with pytest.raises(ConfigError, match="draws no sample"):
         select_active_set(path, tmp_path / "a.parquet", multiplier=0.1)
     assert not (tmp_path / "a.parquet").exists()
 
@@ -101,3 +103,39 @@ def test_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         wmss_main(["select", "--scores", str(tmp_path / "scores.parquet"), "--out", str(out), "--formula", "v3"])
     assert exit_info.value.code == 2
+
+
+def test_uncertified_share_is_logged_and_refused_above_the_threshold(tmp_path, capsys):
+    path, out = tmp_path / "scores.parquet", tmp_path / "active.parquet"
+    certified = np.ones(200, dtype=bool)
+    certified[:6] = False  # 3 % of the samples
+    _scores(path, certified=certified)
+    summary = select_active_set(path, out)
+    assert summary["uncertified"] == 6 and summary["share_uncertified"] == pytest.approx(0.03)
+    assert json.loads(summary_path(out).read_text())["share_uncertified"] == pytest.approx(0.03)
+    assert wmss_main(["select", "--scores", str(path), "--out", str(out)]) == 0
+    assert "uncertified 0.030" in capsys.readouterr().out
+
+    out.unlink()
+    summary_path(out).unlink()
+    with pytest.raises(InputError) as refused:
+        select_active_set(path, out, max_uncertified=0.02)
+    message = str(refused.value)
+    assert "6 of 200 samples (3.0%)" in message and "ceda.max_uncertified = 2.0%" in message
+    assert "scoring.backend: torch" in message and "scoring.top_k" in message
+    assert not out.exists() and not summary_path(out).exists()
+    assert wmss_main(["select", "--scores", str(path), "--out", str(out), "--max-uncertified", "0.02"]) == 2
+    assert "uncertified for 6 of 200" in capsys.readouterr().err
+    _scores(path, certified=np.zeros(200, dtype=bool))
+    assert select_active_set(path, out, max_uncertified=1.0)["share_uncertified"] == 1.0  # the user's choice
+    with pytest.raises(ConfigError, match=r"max_uncertified must be a share in \[0, 1\]"):
+        select_active_set(path, out, max_uncertified=1.5)
+
+
+def test_scores_without_a_certified_column(tmp_path):
+    path = tmp_path / "scores.parquet"
+    _scores(path)  # exact scores written before the column existed, or by hand
+    assert select_active_set(path, tmp_path / "a.parquet")["share_uncertified"] == 0.0
+    _scores(path, entropy_weak_lower=np.zeros(200), entropy_weak_upper=np.ones(200))
+    with pytest.raises(InputError, match="vLLM bounds but no `certified` column"):
+        select_active_set(path, tmp_path / "b.parquet")

@@ -162,6 +162,9 @@ class CedaConfig(_Strict):
     multiplier: float = Field(1.0, gt=0, description="draws = round(|D| * multiplier)")
     dedup: bool = True
     seed: int = 0
+    max_uncertified: float = Field(
+        0.05, ge=0, le=1, description="largest share of samples whose vLLM entropy bounds leave the sign of "
+                                      "H_strong - H_weak open; above it `select` refuses to draw")
 
 
 class JTWSStageConfig(JTWSConfig):

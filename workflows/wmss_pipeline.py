@@ -254,7 +254,7 @@ def _select(cfg: WMSSConfig, scores: str, stage: StageContext) -> dict:
     c = cfg.ceda
     out = stage.dir / "active.parquet"
     summary = select_active_set(scores, out, alpha=c.alpha, beta=c.beta, gamma=c.gamma, formula=c.formula,
-                                multiplier=c.multiplier, seed=c.seed, dedup=c.dedup)
+                                multiplier=c.multiplier, seed=c.seed, dedup=c.dedup, max_uncertified=c.max_uncertified)
     stage.run.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     table = pq.read_table(scores)
     hw, hs = table.column("entropy_weak").to_numpy(), table.column("entropy_strong").to_numpy()
