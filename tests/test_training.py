@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from wmss.config import JTWSConfig, TrainingConfig
+from wmss.errors import ConfigError
 from wmss.plan import build_plan, lr_factor
 from wmss.training import sft_heads, train
 
@@ -70,6 +71,35 @@ def test_token_budget_steps_and_schedule():
     assert factors[:2] == [0.5, 1.0] and factors[2] == 1.0 and factors[-1] < 0.05
     assert all(a >= b for a, b in zip(factors[1:], factors[2:]))
     assert lr_factor(5, 10, 0.0, "linear", 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+
+
+def test_stage_cli_settings_are_the_config_section_then_set_then_flags(tmp_path):
+    """`wmss sft|jtws [CONFIG] [--set ...] [flags]`: one schema behind config keys and flags."""
+    from wmss.cli import build_parser
+    from wmss.training import _stage_config, _training_options
+
+    config = tmp_path / "c.yaml"
+    config.write_text("max_length: 512\nsft: {lr: 3.0e-4, global_batch_tokens: 900, zero: 3}\n"
+                      "jtws: {lam: 0.3, training: {epochs: 2}}\n")
+    base = ["--model", "m", "--data", "d", "--out", "o"]
+
+    def options(argv, section="sft"):
+        args = build_parser(argv).parse_args(argv)
+        cfg = _stage_config(args)
+        return _training_options(args, cfg, cfg.sft if section == "sft" else cfg.jtws.training)
+
+    got = options(["sft", str(config), "--set", "sft.zero=2", *base, "--lr", "1e-3", "--neftune", "5"])
+    assert (got.lr, got.zero, got.global_batch_tokens, got.global_batch, got.max_length, got.neftune_alpha) == (
+        1e-3, 2, 900, None, 512, 5.0)
+    got = options(["sft", str(config), *base, "--global-batch", "8"])  # a flag's batch size replaces the config's kind
+    assert (got.global_batch, got.global_batch_tokens) == (8, None)
+    got = options(["sft", *base])  # no CONFIG: the schema's defaults, not the demo's
+    assert got == TrainingConfig(max_length=4096)
+    got = options(["jtws", "--set", "jtws.training.epochs=3", "--weak", "w", "--strong", "s", "--data", "d",
+                   "--out", "o", "--gradient-checkpointing", "true"], section="jtws")
+    assert got.epochs == 3 and got.gradient_checkpointing is True
+    with pytest.raises(ConfigError, match="flags: zero = 7"):
+        options(["sft", *base, "--zero", "7"])
 
 
 # ---- Ray Train + DeepSpeed ---------------------------------------------------------------------------

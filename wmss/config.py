@@ -336,6 +336,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         raise ConfigError(f"config {path}: not valid YAML: {err}")
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    return config_from_mapping(raw, overrides, f"config {path}")
+
+
+def config_from_mapping(raw: dict, overrides: list[str] | None = None, where: str = "defaults") -> WMSSConfig:
+    """`raw` (a parsed config; {} for every default) with `--set` overrides applied, validated; errors
+    start with `where`."""
     for keys, value in parse_overrides(overrides or []):
         node = raw
         for k in keys[:-1]:
@@ -347,7 +353,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     try:
         return WMSSConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, f"config {path}"))
+        raise ConfigError(format_validation_error(err, where))
 
 
 def dump_config(config: WMSSConfig) -> str:

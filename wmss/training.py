@@ -161,6 +161,9 @@ def prepare(heads: list[dict], *, name: str, data, options: TrainingConfig, acti
 
     if options.max_length is None:
         raise ConfigError(f"{name}: training.max_length is not set")
+    if len(heads) > 1 and (options.neftune_alpha or options.undial_sigma):
+        raise ConfigError(f"{name}: neftune_alpha / undial_sigma are options of single-model SFT, not of a mix of "
+                          f"{len(heads)} models")
     samples, n_cut = tokenized(data)
     if active is not None:
         known = {s["id"] for s in samples}
@@ -288,58 +291,74 @@ def train_plain(heads: list[dict], *, name: str, data, root, options: TrainingCo
 
 
 # -------------------------------------------------------------------------------------------- the CLI
+#
+# `wmss sft|jtws [CONFIG] [--set k=v ...] [flags]`: the settings are the config's section (`sft`, or
+# `jtws.training` and `jtws`) with --set applied, then the flags; every training flag is made from
+# TrainingConfig's fields, so names, defaults and checks live in the schema alone. Without CONFIG, the
+# schema's defaults (not the demo's).
+
+_FLAG_ALIASES = {"neftune_alpha": ("--neftune",), "undial_sigma": ("--undial",)}  # the SFT baselines' short names
 
 
-def _add_training_flags(parser: argparse.ArgumentParser) -> None:
-    d = TrainingConfig()
+def _yaml_value(text: str):
+    """A flag's value read as YAML (as --set reads it), so the schema, not argparse, checks it."""
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def _add_training_flags(parser: argparse.ArgumentParser, section: str) -> None:
+    from wmss.config import add_config_source_arguments
+
+    add_config_source_arguments(parser, "the built-in defaults, not the demo's")
     parser.add_argument("--data", required=True, help="training records (.jsonl/.json/.parquet/HF dataset dir or id)")
     parser.add_argument("--out", required=True, type=Path, help="folder for the final HF checkpoint")
-    parser.add_argument("--epochs", type=int, default=d.epochs)
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--max-length", type=int, default=4096)
-    parser.add_argument("--workers", type=int, default=d.workers)
-    parser.add_argument("--gpus-per-worker", type=float, default=d.gpus_per_worker)
-    parser.add_argument("--zero", type=int, default=d.zero, help="DeepSpeed ZeRO stage 0-3")
-    batch = parser.add_mutually_exclusive_group()
-    batch.add_argument("--global-batch", type=int, help=f"samples per optimizer step (default {d.global_batch})")
-    batch.add_argument("--global-batch-tokens", type=int, help="supervised tokens per optimizer step")
-    parser.add_argument("--micro-batch-tokens", type=int, default=d.micro_batch_tokens)
-    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps; 0 = end only")
-    parser.add_argument("--max-failures", type=int, default=d.max_failures)
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--on-bad-record", choices=("error", "skip"), default="error")
-    parser.add_argument("--ray-address", default=None, help="Ray cluster to join (default: start or join a local one)")
+    parser.add_argument("--on-bad-record", choices=("error", "skip"), help="default: the config's data.on_bad_record")
+    parser.add_argument("--ray-address", help="Ray cluster to join (default: the config's ray.address, else a local one)")
+    group = parser.add_argument_group(f"training settings (each overrides the config's {section})")
+    batch = group.add_mutually_exclusive_group()
+    for name, field in TrainingConfig.model_fields.items():
+        about = (field.description or "").replace("%", "%%")
+        default = "" if name == "max_length" else f" (default: {field.get_default(call_default_factory=True)})"
+        (batch if name in ("global_batch", "global_batch_tokens") else group).add_argument(
+            f"--{name.replace('_', '-')}", *_FLAG_ALIASES.get(name, ()), dest=f"set_{name}", type=_yaml_value,
+            default=argparse.SUPPRESS, metavar="VALUE", help=f"{about}{default}".lstrip())
 
 
-def _training_config(args) -> TrainingConfig:
+def _stage_config(args):
+    from wmss.config import config_from_mapping, load_config
+
+    return load_config(args.config, args.overrides) if args.config else config_from_mapping({}, args.overrides)
+
+
+def _training_options(args, cfg, section: TrainingConfig) -> TrainingConfig:
+    """The section, then the flags given; max_length falls back to the workflow's."""
     from pydantic import ValidationError
 
-    fields = dict(epochs=args.epochs, lr=args.lr, max_length=args.max_length, workers=args.workers,
-                  gpus_per_worker=args.gpus_per_worker, zero=args.zero, micro_batch_tokens=args.micro_batch_tokens,
-                  checkpoint_every=args.checkpoint_every, max_failures=args.max_failures, seed=args.seed,
-                  neftune_alpha=getattr(args, "neftune", None), undial_sigma=getattr(args, "undial", None))
-    if args.global_batch is not None:
-        fields["global_batch"] = args.global_batch
-    if args.global_batch_tokens is not None:
-        fields["global_batch_tokens"] = args.global_batch_tokens
+    given = {k.removeprefix("set_"): v for k, v in vars(args).items() if k.startswith("set_")}
+    merged = section.model_dump()
+    for one, other in (("global_batch", "global_batch_tokens"), ("global_batch_tokens", "global_batch")):
+        if one in given:  # a batch size given on the command line replaces the config's, whichever kind
+            merged[other] = None
+    merged.update(given)
+    merged["max_length"] = merged["max_length"] or cfg.max_length
     try:
-        return TrainingConfig(**fields)
+        return TrainingConfig.model_validate(merged)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, "flags").replace("_", "-"))
 
 
 def add_sft_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, help="base model folder (HF checkpoint)")
-    _add_training_flags(parser)
-    parser.add_argument("--neftune", type=float, metavar="ALPHA", help="NEFTune embedding noise (paper: 5)")
-    parser.add_argument("--undial", type=float, metavar="SIGMA", help="UNDIAL target-logit noise (paper: 1.0)")
+    _add_training_flags(parser, "sft section")
 
 
 def run_sft(args) -> int:
-    options = _training_config(args)
+    cfg = _stage_config(args)
+    options = _training_options(args, cfg, cfg.sft)
     model = check_model_dir(args.model, "--model")
-    train(sft_heads(model), name="sft", data=args.data, out=args.out, options=options, ray_address=args.ray_address,
-          on_bad_record=args.on_bad_record)
+    train(sft_heads(model), name="sft", data=args.data, out=args.out, options=options,
+          ray_address=args.ray_address or cfg.ray.address, on_bad_record=args.on_bad_record or cfg.data.on_bad_record)
     print(f"[wmss] sft: wrote {args.out}")
     return 0
 
@@ -348,22 +367,25 @@ def add_jtws_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weak", required=True, type=Path, help="weak model folder")
     parser.add_argument("--strong", required=True, type=Path, help="strong model folder")
     parser.add_argument("--active", type=Path, help="active.parquet from `wmss select` (default: all data)")
-    parser.add_argument("--lam", type=float, default=JTWSConfig().lam, help="weight of the strong logits, in [0, 1]")
-    parser.add_argument("--freeze-weak", action="store_true", help="train the strong model only")
-    _add_training_flags(parser)
+    parser.add_argument("--lam", type=_yaml_value, default=argparse.SUPPRESS,
+                        help="weight of the strong logits, in [0, 1] (default: the config's jtws.lam)")
+    parser.add_argument("--freeze-weak", action="store_true", default=argparse.SUPPRESS, help="train the strong model only")
+    _add_training_flags(parser, "jtws.training section")
 
 
 def run_jtws(args) -> int:
     from pydantic import ValidationError
 
-    options = _training_config(args)
+    cfg = _stage_config(args)
+    options = _training_options(args, cfg, cfg.jtws.training)
+    given = {k: getattr(args, k) for k in ("lam", "freeze_weak") if hasattr(args, k)}
     try:
-        jtws = JTWSConfig(lam=args.lam, freeze_weak=args.freeze_weak)
+        jtws = JTWSConfig.model_validate({**cfg.jtws.model_dump(exclude={"training"}), **given})
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, "flags"))
     weak, strong = check_model_dir(args.weak, "--weak"), check_model_dir(args.strong, "--strong")
     active = load_active_set(args.active) if args.active else None
     train(jtws.heads(weak, strong), name="jtws", data=args.data, out=args.out, options=options, active=active,
-          ray_address=args.ray_address, on_bad_record=args.on_bad_record)
+          ray_address=args.ray_address or cfg.ray.address, on_bad_record=args.on_bad_record or cfg.data.on_bad_record)
     print(f"[wmss] jtws: wrote the strong model to {args.out}")
     return 0
