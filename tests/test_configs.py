@@ -44,7 +44,9 @@ def test_paper_configs_have_the_papers_8_gpu_settings(name):
     for stage in (config.sft, config.jtws.training):
         assert (stage.lr, stage.warmup_ratio, stage.global_batch) == (1e-5, 0.1, 512)
         assert (stage.workers, stage.gpus_per_worker, stage.zero, stage.bf16) == (8, 1, 3, True)
-    assert (config.scoring.backend, config.scoring.actors.min, config.scoring.actors.max) == ("vllm", 1, 8)
+        assert stage.gradient_checkpointing and stage.loss_filter_eps is None  # fits 80 GB; exact loss
+    # the exact torch scorer, the 8 GPUs split between the weak and the strong pool
+    assert (config.scoring.backend, config.scoring.actors.min, config.scoring.actors.max) == ("torch", 4, 4)
     assert config.scoring.gpus_per_actor == 1
     assert config.eval.backend == "vllm"
     assert config.eval.benchmarks == ["gsm8k", "svamp", "mawps", "aqua", "aime2025", "amc23", "math500"]
