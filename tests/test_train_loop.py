@@ -115,7 +115,7 @@ def test_gradient_checkpointing_gives_equal_gradients_with_less_saved_activation
         grads[on] = {n: p.grad.clone() for n, p in model.named_parameters()}
     for name, g in grads[False].items():
         torch.testing.assert_close(grads[True][name], g, rtol=1e-5, atol=1e-7, msg=name)
-    assert saved[True] < 0.6 * saved[False], saved
+    assert saved[True] < 0.25 * saved[False], saved  # measured: 9.4 % at 4 layers
 
 
 def test_checkpointing_and_dtype_defaults_follow_the_device():
