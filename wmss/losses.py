@@ -163,8 +163,11 @@ def fused_mixture_cross_entropy(heads, labels, *, ignore_index: int = IGNORE_IND
     from cut_cross_entropy import linear_cross_entropy as cce
 
     dtype = heads[0][1].dtype
-    features = torch.cat([float(c) * h.to(dtype) for c, h, _ in heads], dim=-1)
-    classifier = torch.cat([w.to(dtype) for _, _, w in heads], dim=-1)
+    if len(heads) == 1 and float(heads[0][0]) == 1.0:  # plain SFT: no copy of the (V, D) output layer
+        features, classifier = heads[0][1], heads[0][2].to(dtype)
+    else:
+        features = torch.cat([float(c) * h.to(dtype) for c, h, _ in heads], dim=-1)
+        classifier = torch.cat([w.to(dtype) for _, _, w in heads], dim=-1)
     kwargs = {"filter_eps": filter_eps} if impl == "cce" else {}
     return cce(features, classifier, labels, ignore_index=ignore_index, reduction=reduction, impl=impl, **kwargs)
 
