@@ -287,3 +287,24 @@ def test_plain_torch_distributed_resumes_from_its_last_checkpoint(tiny_model_dir
     again = train_plain(sft_heads(tiny_model_dir), name="sft", data=demo_rows, root=root, options=opts)
     assert again == first and (again / "config.json").stat().st_mtime_ns == stamp
     assert not list(Path(root / "checkpoints").glob(".staging*"))
+
+
+def test_a_non_finite_loss_stops_the_stage_naming_step_and_value(tiny_model_dir, demo_rows, tmp_path,
+                                                                 single_process_group):
+    """An absurd (finite) learning rate blows the weights up after step 1: step 2's loss is not finite, and the
+    stage stops there instead of saving a model."""
+    from wmss.errors import TrainingDiverged
+    from wmss.training import sft_heads, train_plain
+
+    opts = TrainingConfig(workers=1, zero=2, global_batch=8, micro_batch_tokens=512, max_length=256, lr=1e30,
+                          warmup_ratio=0, grad_clip=0)
+    with pytest.raises(TrainingDiverged, match=r"sft: step 2: the loss is (nan|inf)"):
+        train_plain(sft_heads(tiny_model_dir), name="sft", data=demo_rows, root=tmp_path / "run", options=opts)
+    assert not list((tmp_path / "run" / "checkpoints").glob("checkpoint_*/hf_model"))
+
+
+def test_config_refuses_non_finite_values():
+    with pytest.raises(ValueError, match="finite"):
+        TrainingConfig(lr=float("inf"))
+    with pytest.raises(ValueError, match="finite"):
+        JTWSConfig(lam=float("nan"))

@@ -23,7 +23,8 @@ DEFAULT_CONFIG = "demo"
 
 class _Strict(BaseModel):
     # unknown keys are errors: a typo must not silently fall back to a default
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf/nan are never meaningful settings (an infinite learning rate or CEDA weight trains on garbage)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TrainingConfig(_Strict):

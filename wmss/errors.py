@@ -29,3 +29,7 @@ class InputError(WmssError):
     field."""
 
     exit_code = EXIT_USAGE
+
+
+class TrainingDiverged(WmssError):
+    """A training stage met a non-finite loss or gradient norm; names the stage, the step and the value."""

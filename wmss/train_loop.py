@@ -230,11 +230,15 @@ def train_loop(job: dict, session: WorkerSession) -> None:
             if micro in micro_rows:
                 sums[1] += mask.sum()
         lr = engine.get_lr()[0]
-        engine.step()
         torch.distributed.all_reduce(sums)
         sums = sums.tolist()
+        _check_finite(job["mode"], step + 1, "loss", sums[0], "before the optimizer step: the weights are untouched")
+        engine.step()
         elapsed = time.perf_counter() - t0
         grad_norm = engine.get_global_grad_norm()
+        if grad_norm is not None:
+            _check_finite(job["mode"], step + 1, "gradient norm", float(grad_norm),
+                          "the last checkpoint holds the weights before it")
         metrics = {"loss": sums[0] / max(job["step_tokens"][step], 1), "lr": lr,
                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                    "tokens_per_s": sums[1] / elapsed, **stats}
@@ -263,6 +267,15 @@ def train_loop(job: dict, session: WorkerSession) -> None:
                         {"step": total, "final": 1, "trainable_params": trainable, **metrics})
     if bar is not None:
         bar.close()
+
+
+def _check_finite(stage: str, step: int, what: str, value: float, state: str) -> None:
+    """Stop a stage at a NaN/inf instead of training on (and saving) garbage."""
+    if not math.isfinite(value):
+        from wmss.errors import TrainingDiverged
+
+        raise TrainingDiverged(f"{stage}: step {step}: the {what} is {value}; training stopped ({state}). Lower the "
+                               "learning rate or check the data, then rerun: the stage resumes from its last checkpoint")
 
 
 def _validation_loss(engine, session: WorkerSession, device, pad_id: int, batch_rows: int = 8) -> float:
