@@ -148,6 +148,25 @@ def test_template_that_breaks_the_prefix_is_named(bpe):
         format_example(Record("a", "why", "so", system="be brief", chat=False), wrap(bpe, None, "no-template"))
 
 
+def test_generation_stops_at_the_templates_end_of_turn_not_only_at_eos(bpe, tmp_path):
+    """A base model's EOS is <|endoftext|> while chat training teaches <|im_end|>: both stop a response, so no
+    answer after the end of the turn is ever graded."""
+    from transformers import PreTrainedTokenizerFast
+
+    from wmss.data import end_of_turn_ids
+    from wmss.evaluation.generation import finish_response, stop_token_ids
+
+    base_like = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                        chat_template=QWEN3_LIKE, name_or_path="base-like")
+    im_end, eos = (base_like.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>"))
+    assert end_of_turn_ids(base_like) == [im_end]
+    assert set(stop_token_ids(tmp_path, base_like)) == {im_end, eos}  # tmp_path: no generation_config.json
+    answer, later = encode(base_like, "so 4"), encode(base_like, " then \\boxed{5}")
+    assert finish_response(answer + [im_end] + later, stop_token_ids(tmp_path, base_like), 100) == (answer, False)
+    plain = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", name_or_path="no-template")
+    assert end_of_turn_ids(plain) == []
+
+
 def test_truncation_cuts_from_the_right_and_counts(tok):
     record = Record("a", "two plus three", " equals five", chat=False)
     full = format_example(record, tok)

@@ -116,3 +116,44 @@ def test_code_grading_failures():
                             tests, "mbpp")  # spawning processes is refused, so the program fails
     result = grade("```python\ndef add(a, b):\n    return a + b\n```", tests, "mbpp")
     assert result.correct and result.extracted == "def add(a, b):\n    return a + b\n"
+
+
+# ---- AQuA with its options: a boxed option value counts as its letter, a bare "(X)" only ends the answer ----
+AQUA_OPTIONS = {"A": "21", "B": "24", "C": "5", "D": "3", "E": "60 m"}
+
+
+@pytest.mark.parametrize("response, gold, correct", [
+    ("Options (A) 3 and (C) 5 ... therefore 5", "C", False),  # listing options is no answer
+    ("Options (A) 3 and (C) 5\nComparing them, (C) looks right.\nSo the result is 5", "C", False),
+    ("so x = 21, which is \\boxed{21}", "A", True),  # the option's value, boxed
+    ("\\boxed{21.0}", "A", True),  # mathematically equal to option A
+    ("\\boxed{60}", "E", True),  # units dropped: 60 m
+    ("\\boxed{22}", "A", False),  # no option has that value
+    ("Checking (A) and (B).\nThe answer must be (B).", "B", True),  # a "(X)" ending the last line
+    ("Checking (A) and (B).\nThe result is 24, option (B)\n", "B", True),
+    ("\\boxed{C}", "C", True),
+])
+def test_aqua_grading_reads_options(response, gold, correct):
+    assert grade_answer(response, gold, "aqua", options=AQUA_OPTIONS) is correct
+
+
+def test_a_boxed_value_of_two_options_is_no_answer():
+    assert extract_choice("\\boxed{\\frac{1}{2}}", {"A": "1/2", "B": "0.5", "C": "7"}) is None
+    assert extract_choice("\\boxed{5}", {"A": "5", "B": "5.0", "C": "7"}) == "A"  # the same text wins
+
+
+def test_aqua_problems_carry_their_options(tmp_path):
+    import json
+
+    from wmss.data import BadRecordError
+    from wmss.evaluation.benchmarks import load_benchmark
+
+    rows = [{"instruction": "x + 1 = 22. Answer Choices: (A) 21 (B) 24 (C) 5 (D) 3 (E) 60 m", "input": "",
+             "answer": "A"},
+            {"question": "Pick", "options": ["A)1", "B)2"], "correct": "B"}]  # the hub layout
+    (tmp_path / "aqua.json").write_text(json.dumps(rows))
+    problems = load_benchmark("aqua", tmp_path)
+    assert problems[0].options == AQUA_OPTIONS and problems[1].options == {"A": "1", "B": "2"}
+    (tmp_path / "aqua.json").write_text(json.dumps([{"instruction": "no options here", "answer": "A"}]))
+    with pytest.raises(BadRecordError, match=r"aqua.json.*field question.*options"):
+        load_benchmark("aqua", tmp_path)

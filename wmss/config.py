@@ -33,10 +33,11 @@ class TrainingConfig(_Strict):
     epochs: int = Field(1, ge=1)
     lr: float = Field(1e-5, gt=0)
     warmup_ratio: float = Field(0.1, ge=0, le=1)
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field(
+        "linear", description="decay after the warm-up (authors' code: HF Trainer's linear)")
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
-    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas (authors' code: HF Trainer's)")
     grad_clip: float = Field(1.0, ge=0)
     max_length: int | None = Field(None, ge=2, description="token cap; default: the workflow's max_length")
     global_batch: int | None = Field(512, ge=1, description="samples per optimizer step")
@@ -162,7 +163,7 @@ class CedaConfig(_Strict):
     formula: Literal["code", "paper-v2"] = "code"
     multiplier: float = Field(1.0, gt=0, description="draws = round(|D| * multiplier)")
     dedup: bool = True
-    seed: int = 0
+    seed: int = Field(42, description="seed of the active-set draw (authors' code)")
     max_uncertified: float = Field(
         0.05, ge=0, le=1, description="largest share of samples whose vLLM entropy bounds leave the sign of "
                                       "H_strong - H_weak open; above it `select` refuses to draw")

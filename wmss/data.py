@@ -484,6 +484,19 @@ def _tokenizer_name(tokenizer) -> str:
     return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
 
 
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The special token that ends an assistant turn in the tokenizer's chat template (`<|im_end|>` for
+    ChatML/Qwen, `<|eot_id|>` for Llama 3): what training teaches a chat model to emit, so generation must
+    stop there too. [] without a chat template, or when the turn does not end in a special token."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    messages = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _CONTENT_PLACEHOLDER}]
+    end_of_turn = tokenizer.apply_chat_template(messages, tokenize=False).split(_CONTENT_PLACEHOLDER)[-1]
+    ids = tokenizer(end_of_turn.lstrip(), add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    return ids[:1] if ids and ids[0] in special else []
+
+
 def _eos_id(tokenizer) -> int:
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {_tokenizer_name(tokenizer)!r} has no EOS token, which prompt/completion "

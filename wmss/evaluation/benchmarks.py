@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ class Problem:
     id: str
     question: str  # the user turn
     answer: str  # the gold answer; for code benchmarks a test script that raises when the program is wrong
+    options: dict[str, str] | None = None  # multiple choice: letter -> option text, as the question lists them
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,14 @@ def _humaneval_problems() -> list[Problem]:
     return problems
 
 
+def parse_options(question: str) -> dict[str, str]:
+    """letter -> option text from a multiple-choice question's "(A) 21 (B) 24 ..." list (after "Answer
+    Choices:" when it says so); {} when it lists none."""
+    _, marker, tail = question.rpartition("Answer Choices:")
+    parts = re.split(r"\(([A-E])\)\s*", tail if marker else question)
+    return {parts[i]: parts[i + 1].strip() for i in range(1, len(parts) - 1, 2)}
+
+
 def problems_from_rows(rows: Iterable[tuple[str, Any]], source: str, benchmark: str) -> list[Problem]:
     """Validate (location, row) pairs into Problems with `benchmark`'s layout (for names that are not
     benchmarks: question/instruction + answer). A bad row raises BadRecordError naming `source`, its
@@ -169,12 +179,19 @@ def problems_from_rows(rows: Iterable[tuple[str, Any]], source: str, benchmark: 
             question, answer = convert(row)
         except _FieldError as e:
             raise BadRecordError(f"{source}, {where}, field {e.field}: {e.reason}") from None
+        options = None
+        if benchmark_kind(benchmark) == "choice":
+            options = parse_options(question)
+            if len(options) < 2:
+                raise BadRecordError(f"{source}, {where}, field question: a multiple-choice question must list its "
+                                     "options as '(A) ... (B) ...' (after 'Answer Choices:'), got "
+                                     f"{question[-200:]!r}")
         problem_id = next((str(row[f]) for f in ("id", "idx", "task_id", "unique_id") if row.get(f) is not None),
                           str(number))
         if problem_id in seen:
             raise BadRecordError(f"{source}, {where}, field id: {problem_id!r} repeats the id of {seen[problem_id]}")
         seen[problem_id] = where
-        problems.append(Problem(problem_id, question, answer))
+        problems.append(Problem(problem_id, question, answer, options))
     return problems
 
 

@@ -33,10 +33,16 @@ class GenerationRequest:
 
 
 def stop_token_ids(model_dir: str | os.PathLike, tokenizer) -> list[int]:
-    """The token ids that end a response: the model's generation-config EOS ids and the tokenizer's EOS."""
+    """The token ids that end a response: the model's generation-config EOS ids, the tokenizer's EOS and
+    the chat template's end-of-turn token (training teaches a chat model to end its turn with it; a
+    generation running past it would be graded on text after the answer)."""
     from transformers import GenerationConfig
 
-    ids = set() if tokenizer.eos_token_id is None else {tokenizer.eos_token_id}
+    from wmss.data import end_of_turn_ids
+
+    ids = set(end_of_turn_ids(tokenizer))
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
     try:
         eos = GenerationConfig.from_pretrained(str(model_dir)).eos_token_id
     except OSError:  # no generation_config.json

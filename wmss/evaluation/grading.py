@@ -37,20 +37,37 @@ def extract_boxed(text: str) -> str | None:
 _LETTER = r"([A-E])"
 
 
-def extract_choice(text: str) -> str | None:
+def _option_of_value(value: str, options: dict[str, str]) -> str | None:
+    """The letter whose option text is `value` (same text, or mathematically equal: 21 = 21.0 = $21);
+    None when no option or more than one matches."""
+    def plain(text: str) -> str:
+        return re.sub(r"[\s$]", "", text).lower()
+
+    same = [letter for letter, text in options.items() if plain(text) == plain(value)]
+    if not same:
+        same = [letter for letter, text in options.items() if math_equal(value, text)]
+    return same[0] if len(same) == 1 else None
+
+
+def extract_choice(text: str, options: dict[str, str] | None = None) -> str | None:
     """The option letter (A-E) a multiple-choice response settles on: from its last `\\boxed{}` if it has
-    one, else the last "answer is C" / "answer: (C)", else the last "(C)"; None when none is found."""
+    one (a letter, or with `options` — letter -> option text — a value that is exactly one option's), else
+    the last "answer is C" / "answer: (C)", else a "(C)" that ends the response's last line (a letter
+    mentioned anywhere else, e.g. while listing the options, is no answer); None when none is found."""
     boxed = extract_boxed(text)
     if boxed is not None:
         inner = re.sub(r"\\text(?:bf)?\{([^{}]*)\}", r"\1", boxed).strip()
-        match = re.match(r"\(?" + _LETTER + r"\)?(?![A-Za-z])", inner)
-        return match.group(1) if match else None
+        match = re.match(r"\(?" + _LETTER + r"\)?(?![A-Za-z0-9.])", inner)
+        if match:
+            return match.group(1)
+        return _option_of_value(inner, options) if options and inner else None
     # Only "answer" is case-blind: a lowercase letter is a word ("the answer is a bit ..."), not an option.
     stated = re.findall(r"(?i:answer)\s*(?:(?i:is)|:)\s*:?\s*\(?" + _LETTER + r"\)?(?![A-Za-z])", text)
     if stated:
         return stated[-1]
-    parenthesised = re.findall(r"\(" + _LETTER + r"\)", text)
-    return parenthesised[-1] if parenthesised else None
+    lines = [line for line in text.splitlines() if line.strip()]
+    final = re.search(r"\(" + _LETTER + r"\)[\s.!)*]*$", lines[-1]) if lines else None
+    return final.group(1) if final else None
 
 
 def extract_code(text: str) -> str:
@@ -89,9 +106,10 @@ def math_equal(prediction: str, gold: str) -> bool:
     return bool(verify(gold_parsed, prediction_parsed, **verify_kwargs))
 
 
-def grade(response: str, gold: str, benchmark: str | None = None) -> Grade:
+def grade(response: str, gold: str, benchmark: str | None = None, options: dict[str, str] | None = None) -> Grade:
     """Grade one response against its gold answer by the benchmark's kind (see `benchmark_kind`):
     math: the last boxed answer is equivalent to the gold (no box: wrong); choice: the option letter
+    (`extract_choice`, with the problem's `options` so that a boxed option value counts as its letter)
     equals the gold letter; code: the extracted program followed by the gold test script (which raises on
     failure) exits cleanly in the sandbox (default limits)."""
     kind = benchmark_kind(benchmark)
@@ -102,7 +120,7 @@ def grade(response: str, gold: str, benchmark: str | None = None) -> Grade:
         result = run_python(program + "\n\n" + gold)
         return Grade(program, result.passed)
     if kind == "choice":
-        letter = extract_choice(response)
+        letter = extract_choice(response, options)
         gold_letter = extract_choice(f"\\boxed{{{gold.strip()}}}")
         return Grade(letter, letter is not None and letter == gold_letter)
     boxed = extract_boxed(response)
@@ -111,7 +129,8 @@ def grade(response: str, gold: str, benchmark: str | None = None) -> Grade:
     return Grade(boxed, math_equal(boxed, gold))
 
 
-def grade_answer(response: str, gold: str, benchmark: str | None = None) -> bool:
+def grade_answer(response: str, gold: str, benchmark: str | None = None, options: dict[str, str] | None = None) -> bool:
     """True when `response` answers correctly by the benchmark's grader (`grade`); a benchmark of None or
-    one that is neither multiple choice nor code (e.g. an extra, synthetic one) is graded as math."""
-    return grade(response, gold, benchmark).correct
+    one that is neither multiple choice nor code (e.g. an extra, synthetic one) is graded as math.
+    `options` maps option letters to their texts ({"A": "21", "B": "24", ...}) for multiple choice."""
+    return grade(response, gold, benchmark, options).correct

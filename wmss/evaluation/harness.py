@@ -179,7 +179,7 @@ def evaluate(model_dir, benchmarks: list[str], out_dir, *, data_dir=None, limit=
                 key = _request_key(name, problem.id, sample)
                 response_ids, truncated = finish_response(generated[key], stop_ids, budgets[key])
                 response = tokenizer.decode(response_ids, skip_special_tokens=True)
-                result = grade(response, problem.answer, name)
+                result = grade(response, problem.answer, name, problem.options)
                 predictions.append({
                     "id": problem.id, "sample": sample, "prompt": prompt, "response": response,
                     "extracted": result.extracted, "gold": problem.answer, "correct": result.correct,
