@@ -160,7 +160,8 @@ def test_given_models_and_data_need_no_earlier_stage(tmp_path, tiny_model_dir, d
     """models.base / models.strong / data.train given as paths: no demo or Phase-1 stage runs, and their
     fingerprints are what later stages hash."""
     from wmss.config import load_config
-    from workflows.wmss_pipeline import fingerprint, open_workflow, shared_inputs
+    from wmss.workflow import fingerprint, open_workflow
+    from workflows.wmss_pipeline import shared_inputs
 
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in demo_rows))

@@ -32,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                "run the workflow as a Ray job on a cluster (same arguments as `wmss run`)"),
     "jobs": ("wmss.submit", "add_jobs_arguments", "run_jobs",
              "status, logs or stop of a submitted run"),
-    "tune": ("wmss.tuning", "add_tune_arguments", "run_tune_cli",
+    "tune": ("workflows.tune", "add_tune_arguments", "run_tune_cli",
              "Ray Tune over lam/alpha/gamma (score once, tune many); writes best-config.yaml"),
     "compare": ("wmss.tracking", "add_compare_arguments", "run_compare",
                 "methods x benchmarks table of the evaluated runs in MLflow (SFT vs WMSS vs baselines)"),
