@@ -315,6 +315,22 @@ def test_torch_job_scores_weak_and_strong_exactly(ray_local, models, data_file, 
 
 
 @pytest.mark.ray
+def test_a_non_finite_entropy_stops_the_stage_and_seals_nothing(ray_local, models, data_file, tmp_path):
+    from wmss.errors import NonFiniteError
+
+    broken = tmp_path / "nan-strong"
+    model = load_causal_lm(models["strong"])
+    with torch.no_grad():
+        output_weight(model)[:, 0] = float("nan")  # every logit NaN: every entropy NaN
+    model.save_pretrained(broken)
+    load_tokenizer(models["strong"]).save_pretrained(broken)
+    out = tmp_path / "scores.parquet"
+    with pytest.raises(NonFiniteError, match=r"score: sample .*: entropy_strong is nan .*nan-strong"):
+        score_entropy({"weak": models["weak"], "strong": broken}, data_file, out, token_budget=700)
+    assert not out.exists()
+
+
+@pytest.mark.ray
 def test_rerun_reuses_finished_parts_and_ignores_debris(ray_local, models, data_file, reference, tmp_path, capsys):
     job = prepare_scoring({"weak": models["weak"]}, data_file, tmp_path / "scores.parquet", cpus_per_actor=0.5)
     planted = {"id": job.ids[:5], "n_completion_tokens": job.n_completion_tokens[:5],

@@ -293,12 +293,12 @@ def test_a_non_finite_loss_stops_the_stage_naming_step_and_value(tiny_model_dir,
                                                                  single_process_group):
     """An absurd (finite) learning rate blows the weights up after step 1: step 2's loss is not finite, and the
     stage stops there instead of saving a model."""
-    from wmss.errors import TrainingDiverged
+    from wmss.errors import NonFiniteError
     from wmss.training import sft_heads, train_plain
 
     opts = TrainingConfig(workers=1, zero=2, global_batch=8, micro_batch_tokens=512, max_length=256, lr=1e30,
                           warmup_ratio=0, grad_clip=0)
-    with pytest.raises(TrainingDiverged, match=r"sft: step 2: the loss is (nan|inf)"):
+    with pytest.raises(NonFiniteError, match=r"sft: step 2: the loss is (nan|inf)"):
         train_plain(sft_heads(tiny_model_dir), name="sft", data=demo_rows, root=tmp_path / "run", options=opts)
     assert not list((tmp_path / "run" / "checkpoints").glob("checkpoint_*/hf_model"))
 
@@ -308,3 +308,19 @@ def test_config_refuses_non_finite_values():
         TrainingConfig(lr=float("inf"))
     with pytest.raises(ValueError, match="finite"):
         JTWSConfig(lam=float("nan"))
+
+
+def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):
+    import random
+
+    import numpy as np
+
+    from wmss.train_loop import _rng_state, _set_rng_state
+
+    random.gauss(0, 1)  # leaves a cached gaussian in Python's state
+    np.random.standard_normal()
+    torch.save(_rng_state(), tmp_path / "rng.pt")
+    want = (random.random(), random.gauss(0, 1), np.random.standard_normal(), torch.rand(3))
+    _set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    got = (random.random(), random.gauss(0, 1), np.random.standard_normal(), torch.rand(3))
+    assert want[:3] == got[:3] and torch.equal(want[3], got[3])

@@ -31,5 +31,6 @@ class InputError(WmssError):
     exit_code = EXIT_USAGE
 
 
-class TrainingDiverged(WmssError):
-    """A training stage met a non-finite loss or gradient norm; names the stage, the step and the value."""
+class NonFiniteError(WmssError):
+    """A stage met a NaN or an infinity (a training loss or gradient norm, an entropy score); names the
+    stage, where (step or sample) and the value. Nothing built on it is sealed."""

@@ -654,6 +654,14 @@ class _PartWriter:
         columns = {"id": ids, "n_completion_tokens": self.job.n_completion_tokens[rows]}
         for column in self.job.model_columns:
             columns[column] = pc.list_flatten(table[column]).to_numpy()
+            bad = np.flatnonzero(~np.isfinite(columns[column]))
+            if bad.size:  # a NaN entropy would pass silently into CEDA's weights
+                from wmss.errors import NonFiniteError
+
+                raise NonFiniteError(f"score: sample {ids[bad[0]]!r}: {column} is {columns[column][bad[0]]} ({bad.size} "
+                                     f"non-finite value(s) in this batch); check the weights of "
+                                     + ", ".join(f"{m.name} ({m.path})" for m in self.job.models)
+                                     + " for NaN/inf. Finished parts are kept, this batch is not written")
         columns["certified"] = self.job.backend.certified(columns, [m.name for m in self.job.models])
         self.pending.append(columns)
         self.n_scored += len(ids)

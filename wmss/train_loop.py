@@ -130,17 +130,34 @@ def hidden_size(path: str) -> int:
 
 
 def _rng_state() -> dict:
+    """This process's RNG states as tensors only, so a checkpoint is read back with `weights_only=True`
+    (a pickle from checkpoint storage would run whatever code it names)."""
     import torch
 
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python_version": torch.tensor(version), "python_internal": torch.tensor(internal, dtype=torch.int64),
+             "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+             "numpy_rest": torch.tensor([pos, has_gauss], dtype=torch.int64),
+             "numpy_gauss": torch.tensor(cached, dtype=torch.float64), "torch": torch.get_rng_state()}
+    if gauss is not None:
+        state["python_gauss"] = torch.tensor(gauss, dtype=torch.float64)
+    if torch.cuda.is_available():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
 
 
 def _set_rng_state(state: dict) -> None:
     import torch
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    gauss = float(state["python_gauss"]) if "python_gauss" in state else None
+    random.setstate((int(state["python_version"]), tuple(state["python_internal"].tolist()), gauss))
+    pos, has_gauss = state["numpy_rest"].tolist()
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss,
+                         float(state["numpy_gauss"])))
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
 
 
 def _numel(p) -> int:
@@ -198,7 +215,7 @@ def train_loop(job: dict, session: WorkerSession) -> None:
             start_step = int(client_state["step"])
             rng_file = Path(d) / f"rng_rank{rank}.pt"
             if rng_file.exists():
-                _set_rng_state(torch.load(rng_file, weights_only=False))
+                _set_rng_state(torch.load(rng_file, weights_only=True))
             if rank == 0:
                 print(f"[wmss] resumed from step {start_step}/{total}", flush=True)
 
@@ -272,9 +289,9 @@ def train_loop(job: dict, session: WorkerSession) -> None:
 def _check_finite(stage: str, step: int, what: str, value: float, state: str) -> None:
     """Stop a stage at a NaN/inf instead of training on (and saving) garbage."""
     if not math.isfinite(value):
-        from wmss.errors import TrainingDiverged
+        from wmss.errors import NonFiniteError
 
-        raise TrainingDiverged(f"{stage}: step {step}: the {what} is {value}; training stopped ({state}). Lower the "
+        raise NonFiniteError(f"{stage}: step {step}: the {what} is {value}; training stopped ({state}). Lower the "
                                "learning rate or check the data, then rerun: the stage resumes from its last checkpoint")
 
 
