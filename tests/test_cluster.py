@@ -258,6 +258,21 @@ def test_secrets_are_redacted_in_everything_printed(checkout):
     assert submit.auth_headers({}) is None and submit.auth_headers({"RAY_AUTH_TOKEN": "  "}) is None
 
 
+def test_tracking_uri_credentials_travel_only_as_environment_variables(checkout):
+    environ = {"MLFLOW_TRACKING_USERNAME": "bob", "MLFLOW_TRACKING_PASSWORD": "s3cr3t-pw"}
+    sub = submit.build_submission(checkout / "configs" / "exp 1.yaml", ["mlflow.tracking_uri=http://mlflow:5000"],
+                                  "r1", root=checkout, environ=environ)
+    assert sub.runtime_env["env_vars"]["MLFLOW_TRACKING_PASSWORD"] == "s3cr3t-pw"
+    assert "s3cr3t" not in submit.format_submission(sub, "http://head:8265")
+    with pytest.raises(SubmitError, match=r"--set mlflow.tracking_uri holds credentials.*MLFLOW_TRACKING_PASSWORD"):
+        submit.build_submission(checkout / "configs" / "exp 1.yaml",
+                                ["mlflow.tracking_uri=http://bob:s3cr3t@mlflow:5000"], "r1", root=checkout, environ={})
+    config = checkout / "configs" / "creds.yaml"
+    config.write_text("run_dir: s3://bucket/wmss/\nmlflow: {tracking_uri: 'https://bob:s3cr3t@mlflow'}\n")
+    with pytest.raises(SubmitError, match=r"creds.yaml: mlflow.tracking_uri holds credentials"):
+        submit.build_submission(config, [], "r1", root=checkout, environ={})
+
+
 def test_entrypoint_is_the_local_wmss_run_with_the_run_dir_on_shared_storage(checkout):
     sub = submit.build_submission(checkout / "configs" / "exp 1.yaml", ["training.lr=2e-5", "note=a b"],
                                   "my-run", root=checkout, environ={})

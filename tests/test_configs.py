@@ -267,3 +267,13 @@ def test_smollm2_converts_to_a_plain_hf_model_that_speaks(smollm2_dir):
     with torch.no_grad():
         out = model.generate(**chat, max_new_tokens=12, do_sample=False)
     assert "5" in tokenizer.decode(out[0, chat["input_ids"].shape[1]:])
+
+
+def test_credentials_in_the_tracking_uri_are_never_written_or_logged():
+    from wmss.config import public_config, redact_uri
+
+    config = load_config("demo", ["mlflow.tracking_uri=http://bob:s3cr3t@mlflow.example:5000/x"])
+    assert config.mlflow.tracking_uri == "http://bob:s3cr3t@mlflow.example:5000/x"  # used, in this process only
+    assert "s3cr3t" not in dump_config(config) and "bob" not in json.dumps(public_config(config))
+    assert public_config(config)["mlflow"]["tracking_uri"] == "http://mlflow.example:5000/x"
+    assert redact_uri("s3://bucket/run") == "s3://bucket/run" and redact_uri("https://t@h/p") == "https://h/p"

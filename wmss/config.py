@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializationInfo, ValidationError, field_serializer, field_validator,
+                      model_validator)
 
 from wmss.errors import ConfigError
 
@@ -254,9 +255,24 @@ class RayConfig(_Strict):
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started Ray")
 
 
+def redact_uri(uri: str) -> str:
+    """`uri` without the user info of its authority (`http://user:secret@host/x` -> `http://host/x`)."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1", uri)
+
+
+def uri_has_credentials(uri: str | None) -> bool:
+    return uri is not None and redact_uri(uri) != uri
+
+
 class MlflowConfig(_Strict):
     tracking_uri: str | None = Field(None, description="default: MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db")
     experiment: str = "wmss"
+
+    @field_serializer("tracking_uri")
+    def _no_secrets_in_public_dumps(self, uri: str | None, info: SerializationInfo) -> str | None:
+        # what is written or logged (config.yaml, MLflow params) never holds credentials
+        public = bool(info.context and info.context.get("public"))
+        return redact_uri(uri) if public and uri is not None else uri
 
 
 class WMSSConfig(_Strict):
@@ -358,9 +374,15 @@ def config_from_mapping(raw: dict, overrides: list[str] | None = None, where: st
         raise ConfigError(format_validation_error(err, where))
 
 
+def public_config(config: WMSSConfig) -> dict:
+    """The config as JSON-able data for what is written or logged: credentials in URIs removed (they
+    travel as environment variables, e.g. MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)."""
+    return config.model_dump(mode="json", context={"public": True})
+
+
 def dump_config(config: WMSSConfig) -> str:
-    """The resolved config as YAML that `load_config` accepts again."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML that `load_config` accepts again, without credentials."""
+    return yaml.safe_dump(public_config(config), sort_keys=False)
 
 
 def format_validation_error(err: ValidationError, where: str = "config") -> str:

@@ -37,7 +37,7 @@ from wmss.errors import WmssError
 # Ray's token for the job API (the same variable Ray itself reads); sent as a bearer header.
 RAY_TOKEN_ENV = "RAY_AUTH_TOKEN"
 # Secrets the job needs from the submitting user's shell: forwarded only when set, never printed.
-SECRET_ENV_VARS = ("MLFLOW_TRACKING_TOKEN",)
+SECRET_ENV_VARS = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 REDACTED = "<redacted>"
 # The cluster image provides these: torch must be the CUDA build that vLLM pins, and Ray must be the
 # cluster's own (a job cannot change it).
@@ -220,11 +220,27 @@ def build_entrypoint(config_arg: str | None, overrides: Sequence[str], run_dir: 
     return shlex.join(argv)
 
 
+def check_no_uri_credentials(config: str | os.PathLike | None, overrides: Sequence[str]) -> None:
+    """A tracking URI with user info would travel in the job's entrypoint or uploaded config and be shown
+    by Ray's job API: credentials go as environment variables only."""
+    from wmss.config import uri_has_credentials
+
+    uris = [("--set mlflow.tracking_uri", str(v)) for k, v in parse_overrides(overrides) if k == "mlflow.tracking_uri"]
+    if config is not None:
+        uris.append((f"{config}: mlflow.tracking_uri", str((_read_config(config).get("mlflow") or {}).get("tracking_uri"))))
+    for source, uri in uris:
+        if uri_has_credentials(uri):
+            raise SubmitError(f"{source} holds credentials (user:password@); they would be readable in the Ray job. "
+                              "Give the URI without them and set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                              "(or MLFLOW_TRACKING_TOKEN): `wmss submit` forwards those as secrets")
+
+
 def build_submission(config: str | os.PathLike | None, overrides: Sequence[str], run: str, *, root: Path,
                      environ: Mapping[str, str], pip: bool = True) -> Submission:
     """Everything `wmss submit` sends for run `run`, built and checked without contacting a cluster;
     `pip=False` sends no pip requirements (see build_runtime_env)."""
     check_run_name(run)
+    check_no_uri_credentials(config, overrides)
     config_arg = config_argument(config, root) if config is not None else None
     run_dir = run_dir_for(run_root(config, overrides), run)
     return Submission(run=run, run_dir=run_dir,
