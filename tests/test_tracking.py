@@ -245,6 +245,26 @@ def test_parent_and_nested_runs_hold_params_metrics_artifacts_and_plots(store, t
     assert not (tmp_path / "mlruns").exists()
 
 
+def test_the_outcome_lands_on_the_parent_run_of_a_training_experiment(store, tmp_path, monkeypatch):
+    """What a user sees without expanding anything: accuracy and delta vs SFT per method and benchmark as
+    parent-run metrics, stage wall times, the table as an MLflow table and as the run's description; the
+    experiment opens on MLflow's training-runs view."""
+    monkeypatch.chdir(tmp_path)
+    tracker = Tracker(store, "outcome-test", "demo")
+    results = {"base": {"gsm8k": 0.25, "synthetic": None}, "sft": {"gsm8k": 0.5}, "wmss": {"gsm8k": 0.625}}
+    tracker.log_results(results, "TABLE TEXT", {"sft": 12.5, "r1.jtws": 30.0})
+    tracker.finish()
+    client = MlflowClient(tracking_uri=store)
+    parent = client.get_run(tracker.parent_run_id)
+    assert parent.data.metrics == {"base/gsm8k/accuracy": 0.25, "base/gsm8k/delta_vs_sft": -0.25,
+                                   "sft/gsm8k/accuracy": 0.5, "wmss/gsm8k/accuracy": 0.625,
+                                   "wmss/gsm8k/delta_vs_sft": 0.125, "wall_s/sft": 12.5, "wall_s/r1.jtws": 30.0}
+    assert "TABLE TEXT" in parent.data.tags["mlflow.note.content"]
+    assert "results_table.json" in _artifact_paths(client, parent.info.run_id)
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 def test_a_failed_stage_is_marked_and_a_rerun_resumes_the_same_runs(store):
     tracker = Tracker(store, "resume-test", "wf", tags={"wmss.git_sha": "old"})
     with pytest.raises(RuntimeError, match="boom"):

@@ -31,6 +31,8 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 METHOD_TAG = "wmss.method"
 STAGE_TAG = "wmss.stage"
+# MLflow opens an experiment with this tag on its training-runs view, not its GenAI overview
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 SQLITE_PREFIX = "sqlite:///"
 
 
@@ -121,7 +123,8 @@ class Tracker:
             self.experiment_id = found.experiment_id
         else:
             artifacts = (db.parent.resolve() / "mlartifacts").as_uri() if db is not None else None
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts)
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts,
+                                                               tags=EXPERIMENT_KIND)
         if parent_run_id is None:
             self.parent_run_id = self.client.create_run(self.experiment_id, run_name=run_name,
                                                         tags=tags or {}).info.run_id
@@ -177,6 +180,30 @@ class Tracker:
             self.client.set_terminated(run_id, "FAILED")
             raise
         self.client.set_terminated(run_id, "FINISHED")
+
+    def log_results(self, results: Mapping[str, Mapping[str, float | None]], table: str,
+                    wall_s: Mapping[str, float]) -> None:
+        """The workflow's outcome on the parent run, where MLflow's chart and compare views show it without
+        expanding a nested run: `<method>/<benchmark>/accuracy` and `.../delta_vs_sft` metrics, each stage's
+        `wall_s/<stage>`, the results as an MLflow table (`results_table.json`) and the printed table as
+        the run's description."""
+        metrics = {f"wall_s/{stage}": float(s) for stage, s in wall_s.items()}
+        rows = []
+        for method, accuracies in results.items():
+            for bench, accuracy in accuracies.items():
+                if accuracy is None:
+                    continue
+                reference = results.get("sft", {}).get(bench)
+                delta = accuracy - reference if reference is not None and method != "sft" else None
+                metrics[f"{method}/{bench}/accuracy"] = float(accuracy)
+                if delta is not None:
+                    metrics[f"{method}/{bench}/delta_vs_sft"] = float(delta)
+                rows.append({"method": method, "benchmark": bench, "accuracy": accuracy, "delta_vs_sft": delta})
+        self.log_metrics(metrics)
+        if rows:
+            self.client.log_table(self.parent_run_id, data={k: [r[k] for r in rows] for k in rows[0]},
+                                  artifact_file="results_table.json")
+        self.client.set_tag(self.parent_run_id, "mlflow.note.content", f"```\n{table}\n```")
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the parent run with `status` (FINISHED, FAILED or KILLED)."""
