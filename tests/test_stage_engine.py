@@ -46,7 +46,7 @@ def _pipeline(run_dir, capsys, *, seed: int, fail_in: str | None = None) -> tupl
 
     store = RunStore(run_dir)
     wf = Workflow(WMSSConfig(), store, _Tracker(), Manifest(store))
-    made = wf.stage("make", {"seed": seed}, {}, make).artifact("file")
+    made = wf.stage("make", {"seed": seed, "betas": (0.9, 0.999)}, {}, make).artifact("file")
     wf.stage("use", {}, {"made": made, "absent": None}, use)
     return ran, capsys.readouterr().out
 

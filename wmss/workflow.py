@@ -172,6 +172,7 @@ class Workflow:
               fn: Callable[[StageContext], dict], tags: dict[str, str] | None = None) -> StageResult:
         """Run `fn(StageContext) -> outputs` (JSON values; paths as strings) unless an identical finished run
         exists. The stage's hash chains `settings` with its `inputs`' hashes (None: an absent input)."""
+        settings = json.loads(json.dumps(settings, default=str))  # as the manifest keeps them (tuples: lists)
         hashes = {k: a.hash if a is not None else "" for k, a in inputs.items()}
         key = _digest({"stage": name, "settings": settings, "inputs": hashes})
         rel = f"stages/{name}"
