@@ -1,5 +1,6 @@
 """The stage engine (wmss.workflow) without Ray or MLflow: a stage runs once, a rerun skips it, a changed
-setting re-runs it and, through the hash chain, everything downstream; an unfinished stage resumes."""
+setting re-runs it and, through the hash chain, everything downstream; an unfinished stage resumes; what a
+stage prints goes to its log file, its `[wmss]` lines to the console as well."""
 
 from __future__ import annotations
 
@@ -55,8 +56,8 @@ def test_runs_once_skips_on_rerun_and_reruns_what_changed_downstream(tmp_path, c
     ran, out = _pipeline(tmp_path, capsys, seed=1)
     assert ran == ["make", "use"]
     assert out.splitlines() == ["[wmss] make: running", "[wmss] make: detail for the console",
-                                "chatter for the log only", "[wmss] make: done in 0 s", "[wmss] use: running",
-                                "[wmss] use: done in 0 s"]
+                                "[wmss] make: done in 0 s", "[wmss] use: running", "[wmss] use: done in 0 s"]
+    assert "chatter for the log only" in (tmp_path / "logs" / "make.log").read_text()
     manifest = json.loads((tmp_path / "manifest.json").read_text())["stages"]
     assert manifest["make"]["outputs"] == {"file": "stages/make/out.txt", "n": 1}  # relative to the run dir
     assert manifest["use"]["inputs"] == {"made": manifest["make"]["hash"], "absent": ""}
@@ -74,6 +75,8 @@ def test_runs_once_skips_on_rerun_and_reruns_what_changed_downstream(tmp_path, c
 def test_an_unfinished_stage_resumes_in_its_mlflow_run(tmp_path, capsys):
     with pytest.raises(RuntimeError, match="boom"):
         _pipeline(tmp_path, capsys, seed=1, fail_in="use")
+    out = capsys.readouterr().out
+    assert "[wmss] use: failed after 0 s" in out
     manifest = json.loads((tmp_path / "manifest.json").read_text())["stages"]
     assert manifest["use"]["status"] == "running"
     ran, out = _pipeline(tmp_path, capsys, seed=1)

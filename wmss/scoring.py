@@ -601,6 +601,7 @@ def _score_on_ray(job: ScoringJob, remaining: list[int], ray_address: str | None
     for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
         writer.add(table)
     writer.flush()
+    writer.bar.close()
 
 
 class Scorer:
@@ -636,15 +637,19 @@ def _row_samples(table, row: int) -> tuple[list[np.ndarray], np.ndarray]:
 
 
 class _PartWriter:
-    """Collects scored packed batches on the driver and writes them as atomic part files, with progress."""
+    """Collects scored packed batches on the driver and writes them as atomic part files, with progress
+    (a line now and then, and a live bar on a terminal)."""
 
     def __init__(self, job: ScoringJob, n_to_score: int):
+        from tqdm import tqdm
+
         self.job, self.n_to_score = job, n_to_score
         self.position = {sample_id: i for i, sample_id in enumerate(job.ids)}
         existing = [int(p.stem.split("-")[1]) for p in job.parts_dir.glob("part-*.parquet")]
         self.next_part = max(existing, default=-1) + 1
         self.pending, self.n_scored, self.n_tokens = [], 0, 0
         self.started = self.last_flush = self.last_progress = time.monotonic()
+        self.bar = tqdm(total=n_to_score, desc="score", unit="sample", disable=None, leave=False)
 
     def add(self, table) -> None:
         import pyarrow.compute as pc
@@ -665,6 +670,7 @@ class _PartWriter:
         columns["certified"] = self.job.backend.certified(columns, [m.name for m in self.job.models])
         self.pending.append(columns)
         self.n_scored += len(ids)
+        self.bar.update(len(ids))
         self.n_tokens += sum(len(self.job.tokens[r]) for r in rows)
         now = time.monotonic()
         if now - self.last_flush >= _PART_SECONDS:

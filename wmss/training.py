@@ -245,12 +245,7 @@ def train(heads: list[dict], *, name: str, data, out, options: TrainingConfig, a
         dataset_config=DataConfig(datasets_to_split=[],
                                   execution_options=ray.data.ExecutionOptions(preserve_order=True)),
     )
-    data_context = ray.data.DataContext.get_current()
-    bars, data_context.enable_progress_bars = data_context.enable_progress_bars, False  # the step bar says enough
-    try:
-        result = trainer.fit()
-    finally:
-        data_context.enable_progress_bars = bars
+    result = trainer.fit()  # no Ray Data bars in the workers (wmss.raycluster): the step bar says enough
     if result.checkpoint is None:
         raise RuntimeError(f"{name} finished without a final checkpoint (error: {result.error})")
     with result.checkpoint.as_directory() as d:

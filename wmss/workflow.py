@@ -17,13 +17,20 @@ so a changed stage re-runs with everything downstream of it (their input hashes 
 inside the run directory relative to it), MLflow run id, wall time. The run directory may be an object-store
 URI (see wmss.storage): stages work in its local mirror, a finished stage is uploaded before the manifest
 says done, and a later stage's inputs are downloaded when it needs them.
+
+The console gets one line per stage event (running, done in N s, skipped, resuming, re-running, failed);
+what a stage prints besides its own `[wmss]` lines goes to `<run_dir>/logs/<stage>.log`, and Ray's logs to
+`<run_dir>/logs/` (wmss.raycluster). A URI run directory keeps its logs in the local mirror.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +40,9 @@ from typing import NamedTuple
 from wmss.config import ConfigError, WMSSConfig, dump_config
 from wmss.io import write_json
 from wmss.storage import RunStore, is_uri
+
+LOGS_DIR = "logs"  # the run's log files: one per stage, and Ray's
+
 
 class Artifact(NamedTuple):
     """A stage's output, or an external input, as later stages take it: where it is and the hash that
@@ -128,6 +138,25 @@ def train_options(cfg: WMSSConfig, section, **extra):
     return section.model_copy(update={"max_length": section.max_length or cfg.max_length, **extra})
 
 
+class _StageOutput(io.TextIOBase):
+    """A stage's stdout: every line to its log file, its `[wmss]` lines to the console as well."""
+
+    def __init__(self, log, console):
+        self.log, self.console, self.partial = log, console, ""
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        *lines, self.partial = (self.partial + text).split("\n")
+        for line in lines:
+            if line.startswith("[wmss] "):
+                self.console.write(line + "\n")
+                self.console.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.log.flush()
+
+
 class Workflow:
     """Runs stages against the manifest and the MLflow parent run."""
 
@@ -168,6 +197,14 @@ class Workflow:
     def _resolve(self, entry: dict) -> dict:
         return {k: str(self.run_dir / v) if k in entry.get("paths", []) else v for k, v in entry["outputs"].items()}
 
+    @contextlib.contextmanager
+    def _stage_output(self, name: str):
+        """While a stage runs, what it prints goes to `logs/<name>.log`; its `[wmss]` lines also to the console."""
+        log_path = self.run_dir / LOGS_DIR / f"{name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a") as log, contextlib.redirect_stdout(_StageOutput(log, sys.stdout)):
+            yield
+
     def stage(self, name: str, settings: dict, inputs: dict[str, Artifact | None],
               fn: Callable[[StageContext], dict], tags: dict[str, str] | None = None) -> StageResult:
         """Run `fn(StageContext) -> outputs` (JSON values; paths as strings) unless an identical finished run
@@ -197,11 +234,17 @@ class Workflow:
         self.fetch(*hashes.values())
         stage_dir.mkdir(parents=True, exist_ok=True)
         start = time.time()
-        with self.tracker.stage(name, run_id=run_id, tags={"wmss.stage": name, **(tags or {})}) as run:
-            self.manifest.update(name, status="running", hash=key, settings=settings, inputs=hashes,
-                                 mlflow_run_id=run.run_id, outputs={})
-            outputs = fn(StageContext(stage_dir, run, self.store.durable(rel), self.localizer()))
-            run.log_metrics({"wall_s": time.time() - start})
+        try:
+            with (self._stage_output(name),
+                  self.tracker.stage(name, run_id=run_id, tags={"wmss.stage": name, **(tags or {})}) as run):
+                self.manifest.update(name, status="running", hash=key, settings=settings, inputs=hashes,
+                                     mlflow_run_id=run.run_id, outputs={})
+                outputs = fn(StageContext(stage_dir, run, self.store.durable(rel), self.localizer()))
+                run.log_metrics({"wall_s": time.time() - start})
+        except BaseException:
+            print(f"[wmss] {name}: failed after {time.time() - start:.0f} s (its log: "
+                  f"{self.run_dir / LOGS_DIR / name}.log)", flush=True)
+            raise
         earlier = old.get("wall_s", 0.0) if run_id else 0.0  # time spent before a resume counts too
         self.store.seal(rel, key)  # uploaded before the manifest says done
         self.finished.setdefault(key, []).append(rel)
@@ -218,9 +261,25 @@ def run_location(cfg: WMSSConfig, run_dir: str | None) -> str:
     return target if is_uri(target) else str(Path(target).resolve())
 
 
+def _quiet_libraries(log_dir: Path) -> None:
+    """Keep the console to the stage lines: MLflow's own log lines go to `logs/mlflow.log`, and the Hugging
+    Face libraries draw no progress bars (loading and saving a model is part of a stage, not a stage)."""
+    import mlflow  # noqa: F401  (configures its loggers on import: they must exist to be redirected)
+    from huggingface_hub.utils import disable_progress_bars
+
+    from wmss.raycluster import log_to_file
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_to_file(log_dir / "mlflow.log", ("mlflow",))
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # transformers imported later reads it; so do local Ray workers
+    disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
 def open_workflow(cfg: WMSSConfig, run_dir: str | os.PathLike) -> Workflow:
     """Open (or resume) the run directory's MLflow parent run, log the config's params once, write
-    `config.yaml` and join Ray: what every driver (`wmss run`, `wmss tune`)
+    `config.yaml` and join Ray (its logs to `<run_dir>/logs/`): what every driver (`wmss run`, `wmss tune`)
     does before its stages."""
     from wmss.raycluster import ensure_ray
     from wmss.tracking import Tracker, flatten, git_sha, resolve_tracking_uri
@@ -230,6 +289,7 @@ def open_workflow(cfg: WMSSConfig, run_dir: str | os.PathLike) -> Workflow:
                           "where the default SQLite store cannot live; set mlflow.tracking_uri (or "
                           "MLFLOW_TRACKING_URI) to a tracking server, e.g. http://mlflow:5000")
     store = RunStore(run_dir)
+    _quiet_libraries(store.local / LOGS_DIR)
     manifest = Manifest(store)
     data_src = cfg.data.train
     tracker = Tracker(resolve_tracking_uri(cfg.mlflow.tracking_uri, store.local), cfg.mlflow.experiment, cfg.name,
@@ -245,5 +305,5 @@ def open_workflow(cfg: WMSSConfig, run_dir: str | os.PathLike) -> Workflow:
     wf = Workflow(cfg, store, tracker, manifest)
     wf.write_text("config.yaml", dump_config(cfg))
     tracker.log_artifact(store.local / "config.yaml")
-    ensure_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus)
+    ensure_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, log_dir=store.local / LOGS_DIR)
     return wf

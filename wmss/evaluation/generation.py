@@ -195,8 +195,10 @@ def generate(model_dir: str | os.PathLike, requests: list[GenerationRequest], *,
     else:
         source = localizer.remote(model_dir) if localizer is not None else model_dir
         dataset = _vllm_dataset(dataset, source, temperature, stop_ids, max_model_len)
+    from tqdm import tqdm
+
     results: dict[str, list[int]] = {}
-    for row in dataset.iter_rows():
+    for row in tqdm(dataset.iter_rows(), total=len(requests), desc="eval", unit="sample", disable=None, leave=False):
         if row["key"] in results:
             raise RuntimeError(f"generation returned request {row['key']!r} twice")
         results[row["key"]] = [int(t) for t in row["generated_ids"]]
