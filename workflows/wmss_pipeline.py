@@ -52,10 +52,10 @@ def _demo_data(cfg: WMSSConfig, stage: StageContext) -> dict:
 
 
 def _sft(cfg: WMSSConfig, data: Artifact, model: Artifact, options, stage: StageContext,
-         active: Artifact | None = None) -> dict:
+         active: Artifact | None = None, name: str = "sft") -> dict:
     from wmss.training import load_active_set, sft_heads, train
 
-    out = train(sft_heads(model.path), name="sft", data=data.path, out=stage.dir / "model", options=options,
+    out = train(sft_heads(model.path), name=name, data=data.path, out=stage.dir / "model", options=options,
                 active=load_active_set(active.path) if active else None, storage_path=stage.storage,
                 localizer=stage.localizer, mlflow_info=stage.run.worker_info(), on_bad_record=cfg.data.on_bad_record)
     _log_curves(stage.run)
@@ -110,11 +110,11 @@ def _select(cfg: WMSSConfig, scores: Artifact, stage: StageContext) -> dict:
 
 
 def _jtws(cfg: WMSSConfig, data: Artifact, weak: Artifact, strong: Artifact, active: Artifact | None,
-          stage: StageContext) -> dict:
+          stage: StageContext, name: str = "jtws") -> dict:
     from wmss.training import load_active_set, train
 
     j = cfg.jtws
-    out = train(j.heads(weak.path, strong.path), name="jtws", data=data.path, out=stage.dir / "model",
+    out = train(j.heads(weak.path, strong.path), name=name, data=data.path, out=stage.dir / "model",
                 options=train_options(cfg, j.training), active=load_active_set(active.path) if active else None,
                 storage_path=stage.storage,
                 localizer=stage.localizer, mlflow_info=stage.run.worker_info(), on_bad_record=cfg.data.on_bad_record)
@@ -189,21 +189,22 @@ def _run_stages(cfg: WMSSConfig, wf: Workflow) -> dict:
         round_weak, round_strong = round_strong, trained
     models["wmss"] = round_strong
 
-    # equal-budget baselines: one more epoch from M_strong (and the two ablations)
+    # equal-budget baselines: one more epoch from M_strong (and the two ablations); their training logs
+    # name the stage, not Phase 1 or Phase 3
     b = cfg.baselines
     for method in b.methods:
-        inputs = {"data": data, "strong": strong}
+        name, inputs = f"baseline.{method}", {"data": data, "strong": strong}
         if method == "jtws-only":  # joint training on all the data, no curriculum
-            done = wf.stage(f"baseline.{method}", {"jtws": cfg.jtws.model_dump(), "max_length": cfg.max_length},
-                            {**inputs, "weak": weak}, lambda s: _jtws(cfg, data, weak, strong, None, s))
+            done = wf.stage(name, {"jtws": cfg.jtws.model_dump(), "max_length": cfg.max_length},
+                            {**inputs, "weak": weak}, lambda s, name=name: _jtws(cfg, data, weak, strong, None, s, name))
         else:
             noise = {"neftune": {"neftune_alpha": b.neftune_alpha}, "undial": {"undial_sigma": b.undial_sigma}}.get(method, {})
             opts = train_options(cfg, cfg.sft, **noise)
             active = chosen_rounds[0] if method == "ceda-only" else None  # SFT on the first active set
             if active:
                 inputs["active"] = active
-            done = wf.stage(f"baseline.{method}", {"training": opts.model_dump()}, inputs,
-                            lambda s, opts=opts, active=active: _sft(cfg, data, strong, opts, s, active))
+            done = wf.stage(name, {"training": opts.model_dump()}, inputs,
+                            lambda s, opts=opts, active=active, name=name: _sft(cfg, data, strong, opts, s, active, name))
         models[method] = done.artifact("model")
 
     # evaluate every method's model on the same problems
