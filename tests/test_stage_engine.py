@@ -1,11 +1,14 @@
 """The stage engine (wmss.workflow) without Ray or MLflow: a stage runs once, a rerun skips it, a changed
 setting re-runs it and, through the hash chain, everything downstream; an unfinished stage resumes; what a
-stage prints goes to its log file, its `[wmss]` lines to the console as well."""
+stage prints goes to its log file, its `[wmss]` lines to the console as well; and no library module imports
+a driver."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -90,3 +93,10 @@ def test_artifacts_and_train_options():
     cfg = WMSSConfig()
     assert cfg.sft.max_length is None and train_options(cfg, cfg.sft).max_length == cfg.max_length
     assert train_options(cfg, cfg.sft, neftune_alpha=5.0).neftune_alpha == 5.0
+
+
+def test_no_library_module_imports_a_driver():
+    library = Path(__file__).resolve().parent.parent / "wmss"
+    importing = [f"{p.name}:{n}" for p in library.rglob("*.py")
+                 for n, line in enumerate(p.read_text().splitlines(), 1) if re.match(r"\s*from workflows\b", line)]
+    assert importing == []
