@@ -32,9 +32,9 @@ def summary_path(out: str | os.PathLike) -> Path:
     return out.with_name(out.stem + ".summary.json")
 
 
-def select_active_set(scores_path: str | os.PathLike, out: str | os.PathLike, *, alpha: float = 0.1,
-                      beta: float = 0.8, gamma: float = 0.1, formula: str = "code", multiplier: float = 1.0,
-                      seed: int = 0, dedup: bool = True,
+def select_active_set(scores_path: str | os.PathLike, out: str | os.PathLike, *, alpha: float = DEFAULTS.alpha,
+                      beta: float = DEFAULTS.beta, gamma: float = DEFAULTS.gamma, formula: str = DEFAULTS.formula,
+                      multiplier: float = DEFAULTS.multiplier, seed: int = DEFAULTS.seed, dedup: bool = DEFAULTS.dedup,
                       max_uncertified: float = DEFAULTS.max_uncertified) -> dict:
     """Draw the active set from a scores parquet (`id`, `entropy_weak`, `entropy_strong`, as `wmss score`
     writes it) and write it to `out` (atomically), with the summary beside it.

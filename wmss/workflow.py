@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from wmss.config import ConfigError, WMSSConfig, dump_config
+from wmss.config import ConfigError, WMSSConfig, dump_config, public_config
 from wmss.io import write_json
 from wmss.storage import RunStore, is_uri
 
@@ -299,7 +299,7 @@ def open_workflow(cfg: WMSSConfig, run_dir: str | os.PathLike) -> Workflow:
     manifest.data["mlflow_parent_run_id"] = tracker.parent_run_id
     manifest.save()
     if not manifest.data.get("params_logged"):
-        tracker.log_params(flatten(cfg.model_dump(mode="json")))
+        tracker.log_params(flatten(public_config(cfg)))  # no credentials in MLflow params
         manifest.data["params_logged"] = True
         manifest.save()
     wf = Workflow(cfg, store, tracker, manifest)

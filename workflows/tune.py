@@ -46,7 +46,7 @@ def run_trial(params: dict, setup: dict) -> None:
     c = cfg.ceda
     active = store.local / trial / "active.parquet"
     select_active_set(paths["scores"], active, alpha=c.alpha, beta=c.beta, gamma=c.gamma, formula=c.formula,
-                      multiplier=c.multiplier, seed=c.seed, dedup=c.dedup)
+                      multiplier=c.multiplier, seed=c.seed, dedup=c.dedup, max_uncertified=c.max_uncertified)
     train(cfg.jtws.heads(paths["weak"], paths["strong"]), name="jtws", data=paths["data"],
           out=store.local / trial / "model", storage_path=store.durable(trial),
           options=train_options(cfg, cfg.jtws.training), active=load_active_set(active),

@@ -235,6 +235,8 @@ def run_workflow(cfg: WMSSConfig, run_dir: str | os.PathLike) -> dict:
     wf.write_text("results.json", json.dumps(results, indent=2, sort_keys=True) + "\n")
     for path in (wf.run_dir / "results.txt", manifest.path):
         tracker.log_artifact(path)
+    tracker.log_results(results, format_results(results),
+                        {name: stage["wall_s"] for name, stage in manifest.data["stages"].items() if "wall_s" in stage})
     tracker.log_figure(results_figure(results), "results")
     tracker.finish()
     return results
