@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
             "run (or resume) the whole WMSS workflow; with no config, the offline demo"),
     "config": ("wmss.config", "add_config_arguments", "run_config_cli",
                "print the resolved config (show) or the shipped configs (list)"),
+    "plan": ("wmss.capacity", "add_plan_arguments", "run_plan",
+             "predicted peak GPU memory, tokens per step and wall time of every stage, before a run"),
     "tiny-model": ("wmss.models", "add_tiny_model_arguments", "run_tiny_model",
                    "write a tiny offline Qwen3-architecture model + tokenizer"),
     "sft": ("wmss.training", "add_sft_arguments", "run_sft",
