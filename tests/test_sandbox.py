@@ -5,10 +5,13 @@ is never root: as root (CI) the sandbox starts bubblewrap as `nobody`, which the
 file only root may read."""
 
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -132,9 +135,11 @@ def test_host_processes_are_invisible():
 
 @pytest.mark.parametrize("connect", [
     "import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).send(b'hi')",
-    "import _socket\ns = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)\ns.settimeout(2)\n"
+    # SocketType is the class itself: a guard that replaces socket.socket and _socket.socket misses it.
+    "import _socket\ns = _socket.SocketType(_socket.AF_INET, _socket.SOCK_STREAM)\ns.settimeout(2)\n"
     "s.connect(('127.0.0.1', {port}))\ns.send(b'hi')",
-    "import _socket\ns = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)\ns.settimeout(2)\ns.connect(('1.1.1.1', 53))",
+    "import _socket\ns = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)\ns.settimeout(2)\n"
+    "s.connect(('1.1.1.1', 53))",
 ])
 def test_sockets_cannot_reach_the_host_or_the_network(connect):
     server = socket.socket()
@@ -248,3 +253,32 @@ def test_without_bubblewrap_code_evaluation_refuses_unless_opted_in(monkeypatch,
     result = run_python("print(6 * 7)", FAST)
     assert result.passed and result.stdout == "42\n" and result.isolation == "none"
     assert not run_python("import sys\nsys.exit(0)", FAST).passed  # the nonce rule holds here too
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None or not os.path.exists(sandbox.SYSTEM_PYTHON),
+                    reason="needs root, setpriv and a system python3 to become a plain user")
+def test_a_non_root_caller_gets_the_same_boundary(monkeypatch):
+    """The cluster's case: the driver runs as a plain user (uid 1000 there, `nobody` here), and its own
+    folders (run directories, checkpoints) are what an escape would write to."""
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRETS["AWS_SECRET_ACCESS_KEY"])
+    home = tempfile.mkdtemp(prefix="wmss-sandbox-user-")
+    try:
+        os.chmod(home, 0o755)
+        owned = os.path.join(home, "runs")
+        os.mkdir(owned)
+        os.chown(owned, sandbox.NOBODY, sandbox.NOBODY)
+        script = os.path.join(home, "check.py")
+        with open(script, "w") as f:
+            escape = f"open({os.path.join(owned, 'escaped')!r}, 'w')"
+            environ = "import glob\nprint([open(p, 'rb').read() for p in glob.glob('/proc/*/environ')])"
+            f.write(f"import os\nfrom wmss.evaluation.sandbox import run_python\nwrite = run_python({escape!r})\n"
+                    f"env = run_python({environ!r})\nprint(os.getuid(), write.isolation, write.passed, env.passed, "
+                    "os.environ['AWS_SECRET_ACCESS_KEY'] in env.stdout)\n")
+        out = subprocess.run(["setpriv", f"--reuid={sandbox.NOBODY}", f"--regid={sandbox.NOBODY}", "--clear-groups",
+                              sandbox.SYSTEM_PYTHON, script], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PYTHONPATH": str(Path(sandbox.__file__).parents[2])})
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == [str(sandbox.NOBODY), "bubblewrap", "False", "True", "False"]
+        assert os.listdir(owned) == []
+    finally:
+        shutil.rmtree(home)
