@@ -198,8 +198,9 @@ class Workflow:
         return {k: str(self.run_dir / v) if k in entry.get("paths", []) else v for k, v in entry["outputs"].items()}
 
     @contextlib.contextmanager
-    def _stage_output(self, name: str):
-        """While a stage runs, what it prints goes to `logs/<name>.log`; its `[wmss]` lines also to the console."""
+    def log_output(self, name: str):
+        """While the block runs (a stage, or a driver's own long step), what it prints goes to
+        `logs/<name>.log`; its `[wmss]` lines to the console as well."""
         log_path = self.run_dir / LOGS_DIR / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "a") as log, contextlib.redirect_stdout(_StageOutput(log, sys.stdout)):
@@ -235,7 +236,7 @@ class Workflow:
         stage_dir.mkdir(parents=True, exist_ok=True)
         start = time.time()
         try:
-            with (self._stage_output(name),
+            with (self.log_output(name),
                   self.tracker.stage(name, run_id=run_id, tags={"wmss.stage": name, **(tags or {})}) as run):
                 self.manifest.update(name, status="running", hash=key, settings=settings, inputs=hashes,
                                      mlflow_run_id=run.run_id, outputs={})

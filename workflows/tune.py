@@ -118,7 +118,8 @@ def run_tune(cfg: WMSSConfig, run_dir: str | os.PathLike) -> dict:
                         tracking_uri=wf.tracker.tracking_uri, experiment_name=cfg.mlflow.experiment,
                         tags={"mlflow.parentRunId": wf.tracker.parent_run_id, "wmss.stage": "tune.trial"})]))
         start = time.time()
-        results = tuner.fit()
+        with wf.log_output("tune"):  # Tune's trial tables: logs/tune.log
+            results = tuner.fit()
         trials = [{**r.config, t.metric: r.metrics[t.metric]} for r in results
                   if r.error is None and t.metric in (r.metrics or {})]
         if not trials:
