@@ -241,12 +241,16 @@ def test_bad_arguments_fail_with_a_message_before_ray(models, data_file, tmp_pat
     cases = {
         "not a model folder": base + ["--weak", str(tmp_path / "missing"), "--strong", strong],
         "--actors must be MIN:MAX": base + ["--weak", weak, "--strong", strong, "--actors", "3:1"],
-        "top_k (K) must be >= 1": base + ["--weak", weak, "--strong", strong, "--top-k", "0"],
+        "flags: top-k = 0: Input should be greater than or equal to 1": base + ["--weak", weak, "--strong", strong,
+                                                                              "--top-k", "0"],
         "--model needs --name": base + ["--model", weak],
         "give --weak and --strong": base + ["--weak", weak],
-        "token_budget must be >= 1": base + ["--weak", weak, "--strong", strong, "--token-budget", "0"],
-        "gpus_per_actor and cpus_per_actor must be >= 0": base + ["--weak", weak, "--strong", strong,
-                                                                   "--gpus-per-actor", "-1"],
+        "flags: token-budget = 0": base + ["--weak", weak, "--strong", strong, "--token-budget", "0"],
+        "flags: gpus-per-actor = -1": base + ["--weak", weak, "--strong", strong, "--gpus-per-actor", "-1"],
+        # the config's scoring section, then --set, then flags: one schema checks them all
+        "--set: scoring.token_budget = 0": base + ["--set", "scoring.token_budget=0", "--weak", weak, "--strong", strong],
+        "config demo: scoring.backend = 'tpu'": ["score", "demo", "--set", "scoring.backend=tpu"] + base[1:] + [
+            "--weak", weak, "--strong", strong],
         "missing.jsonl: no such file": ["score", "--data", str(tmp_path / "missing.jsonl"), "--out", "x.parquet",
                                         "--weak", weak, "--strong", strong],
     }
@@ -268,6 +272,17 @@ def test_bad_arguments_fail_with_a_message_before_ray(models, data_file, tmp_pat
     assert report["ray_imported"] is False
     for expected, (code, err) in report["results"].items():
         assert code == 2 and expected in err and err.startswith("wmss score: "), (expected, err)
+
+
+def test_bad_records_follow_on_bad_record_as_in_training(models, data_file, tmp_path):
+    """data.on_bad_record reaches scoring: `error` names the file and line, `skip` leaves the record out."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(data_file.read_text() + '{"id": "broken", "prompt": 3}\n')
+    pair = {"weak": models["weak"], "strong": models["strong"]}
+    with pytest.raises(InputError, match=r"bad.jsonl.*line 25"):
+        prepare_scoring(pair, bad, tmp_path / "s.parquet")
+    job = prepare_scoring(pair, bad, tmp_path / "s.parquet", on_bad_record="skip")
+    assert "broken" not in job.ids and len(job.ids) == 24
 
 
 def test_models_must_share_a_tokenizer(models, data_file, tmp_path):

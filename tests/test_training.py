@@ -76,7 +76,8 @@ def test_token_budget_steps_and_schedule():
 def test_stage_cli_settings_are_the_config_section_then_set_then_flags(tmp_path):
     """`wmss sft|jtws [CONFIG] [--set ...] [flags]`: one schema behind config keys and flags."""
     from wmss.cli import build_parser
-    from wmss.training import _stage_config, _training_options
+    from wmss.config import stage_config
+    from wmss.training import _training_options
 
     config = tmp_path / "c.yaml"
     config.write_text("max_length: 512\nsft: {lr: 3.0e-4, global_batch_tokens: 900, zero: 3}\n"
@@ -85,7 +86,7 @@ def test_stage_cli_settings_are_the_config_section_then_set_then_flags(tmp_path)
 
     def options(argv, section="sft"):
         args = build_parser(argv).parse_args(argv)
-        cfg = _stage_config(args)
+        cfg = stage_config(args.config, args.overrides)
         return _training_options(args, cfg, cfg.sft if section == "sft" else cfg.jtws.training)
 
     got = options(["sft", str(config), "--set", "sft.zero=2", *base, "--lr", "1e-3", "--neftune", "5"])

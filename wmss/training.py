@@ -19,7 +19,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from wmss.config import JTWSConfig, TrainingConfig, format_validation_error
+from wmss.config import JTWSConfig, TrainingConfig, format_validation_error, given_flags, stage_config, yaml_value
 from wmss.errors import ConfigError, InputError
 from wmss.plan import build_plan
 from wmss.train_loop import FINAL_MODEL_DIR, group_steps, plan_table, train_loop
@@ -295,42 +295,23 @@ def train_plain(heads: list[dict], *, name: str, data, root, options: TrainingCo
 _FLAG_ALIASES = {"neftune_alpha": ("--neftune",), "undial_sigma": ("--undial",)}  # the SFT baselines' short names
 
 
-def _yaml_value(text: str):
-    """A flag's value read as YAML (as --set reads it), so the schema, not argparse, checks it."""
-    import yaml
-
-    return yaml.safe_load(text)
-
-
 def _add_training_flags(parser: argparse.ArgumentParser, section: str) -> None:
-    from wmss.config import add_config_source_arguments
+    from wmss.config import add_config_source_arguments, add_schema_flags
 
     add_config_source_arguments(parser, "the built-in defaults, not the demo's")
     parser.add_argument("--data", required=True, help="training records (.jsonl/.json/.parquet/HF dataset dir or id)")
     parser.add_argument("--out", required=True, type=Path, help="folder for the final HF checkpoint")
     parser.add_argument("--on-bad-record", choices=("error", "skip"), help="default: the config's data.on_bad_record")
     parser.add_argument("--ray-address", help="Ray cluster to join (default: the config's ray.address, else a local one)")
-    group = parser.add_argument_group(f"training settings (each overrides the config's {section})")
-    batch = group.add_mutually_exclusive_group()
-    for name, field in TrainingConfig.model_fields.items():
-        about = (field.description or "").replace("%", "%%")
-        default = "" if name == "max_length" else f" (default: {field.get_default(call_default_factory=True)})"
-        (batch if name in ("global_batch", "global_batch_tokens") else group).add_argument(
-            f"--{name.replace('_', '-')}", *_FLAG_ALIASES.get(name, ()), dest=f"set_{name}", type=_yaml_value,
-            default=argparse.SUPPRESS, metavar="VALUE", help=f"{about}{default}".lstrip())
-
-
-def _stage_config(args):
-    from wmss.config import config_from_mapping, load_config
-
-    return load_config(args.config, args.overrides) if args.config else config_from_mapping({}, args.overrides)
+    add_schema_flags(parser.add_argument_group(f"training settings (each overrides the config's {section})"),
+                     TrainingConfig, aliases=_FLAG_ALIASES, exclusive=("global_batch", "global_batch_tokens"))
 
 
 def _training_options(args, cfg, section: TrainingConfig) -> TrainingConfig:
     """The section, then the flags given; max_length falls back to the workflow's."""
     from pydantic import ValidationError
 
-    given = {k.removeprefix("set_"): v for k, v in vars(args).items() if k.startswith("set_")}
+    given = given_flags(args)
     merged = section.model_dump()
     for one, other in (("global_batch", "global_batch_tokens"), ("global_batch_tokens", "global_batch")):
         if one in given:  # a batch size given on the command line replaces the config's, whichever kind
@@ -349,7 +330,7 @@ def add_sft_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_sft(args) -> int:
-    cfg = _stage_config(args)
+    cfg = stage_config(args.config, args.overrides)
     options = _training_options(args, cfg, cfg.sft)
     model = check_model_dir(args.model, "--model")
     train(sft_heads(model), name="sft", data=args.data, out=args.out, options=options,
@@ -362,7 +343,7 @@ def add_jtws_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weak", required=True, type=Path, help="weak model folder")
     parser.add_argument("--strong", required=True, type=Path, help="strong model folder")
     parser.add_argument("--active", type=Path, help="active.parquet from `wmss select` (default: all data)")
-    parser.add_argument("--lam", type=_yaml_value, default=argparse.SUPPRESS,
+    parser.add_argument("--lam", type=yaml_value, default=argparse.SUPPRESS,
                         help="weight of the strong logits, in [0, 1] (default: the config's jtws.lam)")
     parser.add_argument("--freeze-weak", action="store_true", default=argparse.SUPPRESS, help="train the strong model only")
     _add_training_flags(parser, "jtws.training section")
@@ -371,7 +352,7 @@ def add_jtws_arguments(parser: argparse.ArgumentParser) -> None:
 def run_jtws(args) -> int:
     from pydantic import ValidationError
 
-    cfg = _stage_config(args)
+    cfg = stage_config(args.config, args.overrides)
     options = _training_options(args, cfg, cfg.jtws.training)
     given = {k: getattr(args, k) for k in ("lam", "freeze_weak") if hasattr(args, k)}
     try:

@@ -79,7 +79,8 @@ def _score(cfg: WMSSConfig, data: Artifact, weak: Artifact, strong: Artifact, st
     out = score_entropy({"weak": weak.path, "strong": strong.path}, data.path, stage.dir / "scores.parquet",
                         backend=s.backend, max_length=cfg.max_length, actors=(s.actors.min, s.actors.max),
                         gpus_per_actor=s.gpus_per_actor, cpus_per_actor=s.cpus_per_actor, top_k=s.top_k,
-                        token_budget=s.token_budget, dtype=s.dtype, localizer=stage.localizer)
+                        token_budget=s.token_budget, dtype=s.dtype, on_bad_record=cfg.data.on_bad_record,
+                        localizer=stage.localizer)
     table = pq.read_table(out)
     for name in ("entropy_weak", "entropy_strong"):
         col = table.column(name).to_numpy()
@@ -157,7 +158,8 @@ def shared_inputs(cfg: WMSSConfig, wf: Workflow) -> dict[str, Artifact | None]:
         strong = Artifact.external(resolve_model(cfg.models.strong))
     else:
         sft_opts = train_options(cfg, cfg.sft)
-        strong = wf.stage("sft", {"training": sft_opts.model_dump()}, {"data": data, "base": base},
+        strong = wf.stage("sft", {"training": sft_opts.model_dump(), "on_bad_record": cfg.data.on_bad_record},
+                          {"data": data, "base": base},
                           lambda s: _sft(cfg, data, base, sft_opts, s)).artifact("model")
     weak = Artifact.external(resolve_model(cfg.models.weak)) if cfg.models.weak else base
     return {"data": data, "heldout": heldout, "base": base, "strong": strong, "weak": weak}
@@ -165,7 +167,8 @@ def shared_inputs(cfg: WMSSConfig, wf: Workflow) -> dict[str, Artifact | None]:
 
 def score_stage(cfg: WMSSConfig, wf: Workflow, k: int, data: Artifact, weak: Artifact, strong: Artifact) -> Artifact:
     """Stage `r{k}.score` (Phase 2a): the entropies of `data` under `weak` and `strong`."""
-    return wf.stage(f"r{k}.score", {"scoring": cfg.scoring.model_dump(), "max_length": cfg.max_length},
+    return wf.stage(f"r{k}.score", {"scoring": cfg.scoring.model_dump(), "max_length": cfg.max_length,
+                                     "on_bad_record": cfg.data.on_bad_record},
                     {"data": data, "weak": weak, "strong": strong},
                     lambda s: _score(cfg, data, weak, strong, s)).artifact("scores")
 
@@ -182,7 +185,8 @@ def _run_stages(cfg: WMSSConfig, wf: Workflow) -> dict:
         scores = score_stage(cfg, wf, k, data, round_weak, round_strong)
         chosen = wf.stage(f"r{k}.select", {"ceda": cfg.ceda.model_dump()}, {"scores": scores},
                           lambda s: _select(cfg, scores, s)).artifact("active")
-        trained = wf.stage(f"r{k}.jtws", {"jtws": cfg.jtws.model_dump(), "max_length": cfg.max_length},
+        trained = wf.stage(f"r{k}.jtws", {"jtws": cfg.jtws.model_dump(), "max_length": cfg.max_length,
+                                          "on_bad_record": cfg.data.on_bad_record},
                            {"data": data, "weak": round_weak, "strong": round_strong, "active": chosen},
                            lambda s: _jtws(cfg, data, round_weak, round_strong, chosen, s)).artifact("model")
         chosen_rounds.append(chosen)
@@ -195,7 +199,8 @@ def _run_stages(cfg: WMSSConfig, wf: Workflow) -> dict:
     for method in b.methods:
         name, inputs = f"baseline.{method}", {"data": data, "strong": strong}
         if method == "jtws-only":  # joint training on all the data, no curriculum
-            done = wf.stage(name, {"jtws": cfg.jtws.model_dump(), "max_length": cfg.max_length},
+            done = wf.stage(name, {"jtws": cfg.jtws.model_dump(), "max_length": cfg.max_length,
+                                   "on_bad_record": cfg.data.on_bad_record},
                             {**inputs, "weak": weak}, lambda s, name=name: _jtws(cfg, data, weak, strong, None, s, name))
         else:
             noise = {"neftune": {"neftune_alpha": b.neftune_alpha}, "undial": {"undial_sigma": b.undial_sigma}}.get(method, {})
@@ -203,7 +208,7 @@ def _run_stages(cfg: WMSSConfig, wf: Workflow) -> dict:
             active = chosen_rounds[0] if method == "ceda-only" else None  # SFT on the first active set
             if active:
                 inputs["active"] = active
-            done = wf.stage(name, {"training": opts.model_dump()}, inputs,
+            done = wf.stage(name, {"training": opts.model_dump(), "on_bad_record": cfg.data.on_bad_record}, inputs,
                             lambda s, opts=opts, active=active, name=name: _sft(cfg, data, strong, opts, s, active, name))
         models[method] = done.artifact("model")
 
