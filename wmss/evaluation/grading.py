@@ -111,7 +111,8 @@ def grade(response: str, gold: str, benchmark: str | None = None, options: dict[
     math: the last boxed answer is equivalent to the gold (no box: wrong); choice: the option letter
     (`extract_choice`, with the problem's `options` so that a boxed option value counts as its letter)
     equals the gold letter; code: the extracted program followed by the gold test script (which raises on
-    failure) exits cleanly in the sandbox (default limits)."""
+    failure) runs to its end in the sandbox (default limits): exit code 0 and the run's completion nonce,
+    so a program that exits before the tests fails. Raises ConfigError where no sandbox is available."""
     kind = benchmark_kind(benchmark)
     if kind == "code":
         program = extract_code(response)

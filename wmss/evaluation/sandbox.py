@@ -37,7 +37,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from wmss.errors import ConfigError
+from wmss.errors import ConfigError, WmssError
 
 ALLOW_UNSANDBOXED_ENV = "WMSS_ALLOW_UNSANDBOXED_CODE"
 BWRAP_PATH = shutil.which("bwrap") or "/usr/bin/bwrap"  # tests point it at a missing file
@@ -58,7 +58,7 @@ class SandboxLimits:
     cpu_seconds: int = 10
     memory_bytes: int = 1 << 30  # address space; a bare interpreter needs ~30 MB of it
     file_bytes: int = 16 << 20  # largest file the program may write, stdout and stderr included
-    processes: int = 16  # processes of the sandbox user, the sandbox's own two included
+    processes: int = 16  # processes in the sandbox, bwrap's init, the launcher and the program included
     output_bytes: int = 64 << 10  # how much of stdout and of stderr comes back
     scratch_bytes: int = 64 << 20  # size of the writable tmpfs
 
@@ -144,6 +144,11 @@ def _boundary_problem(bwrap: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_unsandboxed(problem: str) -> None:
+    log.warning("running generated code WITHOUT a sandbox (%s=1): %s", ALLOW_UNSANDBOXED_ENV, problem)
+
+
 def _launch_command(limits: SandboxLimits, source_bytes: int, info_fd: int) -> tuple[list[str], dict, str]:
     """The command that runs the launcher, the extra Popen arguments, and the isolation it gives; bwrap
     writes its init's PID to `info_fd`."""
@@ -158,7 +163,7 @@ def _launch_command(limits: SandboxLimits, source_bytes: int, info_fd: int) -> t
         raise ConfigError(f"code evaluation refuses to run generated code without a sandbox: {problem}. "
                           f"To run it unconfined anyway (only on a machine you can afford to lose), set "
                           f"{ALLOW_UNSANDBOXED_ENV}=1")
-    log.warning("running generated code WITHOUT a sandbox (%s=1): %s", ALLOW_UNSANDBOXED_ENV, problem)
+    _warn_unsandboxed(problem)
     executable = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
     return [executable, "-I", "-c", _LAUNCHER_SOURCE, settings], {}, "none"
 
@@ -193,7 +198,7 @@ def _wait_gone(pid: int) -> None:
         except OSError:
             return
         time.sleep(0.01)
-    raise RuntimeError(f"sandbox init {pid} survived SIGKILL for 5 s")
+    raise WmssError(f"code sandbox: its init (pid {pid}) survived SIGKILL for 5 s")
 
 
 def run_python(source: str, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
