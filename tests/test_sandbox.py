@@ -282,3 +282,20 @@ def test_a_non_root_caller_gets_the_same_boundary(monkeypatch):
         assert os.listdir(owned) == []
     finally:
         shutil.rmtree(home)
+
+
+def test_where_user_namespaces_are_forbidden_code_evaluation_refuses(monkeypatch):
+    # A bwrap that fails as a kernel or container profile without user namespaces makes it fail.
+    folder = tempfile.mkdtemp(prefix="wmss-sandbox-bwrap-")
+    try:
+        os.chmod(folder, 0o755)
+        fake = os.path.join(folder, "bwrap")
+        with open(fake, "w") as f:
+            f.write("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
+        os.chmod(fake, 0o755)
+        monkeypatch.setattr(sandbox, "BWRAP_PATH", fake)
+        monkeypatch.delenv(sandbox.ALLOW_UNSANDBOXED_ENV, raising=False)
+        with pytest.raises(ConfigError, match="No permissions to create new namespace.*unprivileged user namespaces"):
+            run_python("print(1)")
+    finally:
+        shutil.rmtree(folder)
