@@ -18,7 +18,7 @@ The memory model, per GPU (GiB = 2**30 bytes):
   gathered (s*V*h each) and a trainable one's gradient is materialised (s*V*h) before it is reduced; on CPU
   the chunked loss adds fp32 copies of the output layers and their gradients and ~64 MiB logit chunks.
 - Scoring (torch): bf16 weights, the fp32 output-layer copy, one layer's transient forward at the token
-  budget, the fp32 final hidden states and the entropy chunks. vLLM (scoring and evaluation): the engine
+  budget, the final hidden states with two fp32 copies (all rows, completion rows) and the entropy chunks. vLLM (scoring and evaluation): the engine
   reserves `gpu_memory_utilization` (0.9) of the GPU; it fits when the weights and the KV cache of one
   longest sequence fit in that share, and the plan reports how many such sequences the rest holds.
 - Every GPU stage adds 2 GiB for the CUDA context, NCCL and allocator fragmentation.
@@ -363,7 +363,8 @@ def _score_stage(name: str, cfg: WMSSConfig, shapes: list[ModelShape], samples: 
         s = {"bfloat16": 2, "float16": 2, "float32": 4}[sc.dtype] if sc.dtype else (2 if gpu else 4)
         memory = {"weights": s * widest.params, "output_layer_fp32": 4 * widest.vocab * widest.hidden,
                   "activations": forward_transient_bytes(widest, tokens, width, s),
-                  "hidden_states": tokens * widest.hidden * (s + 4), "entropy_chunks": 3 * CPU_CHUNK_BYTES,
+                  # the final hidden states, their fp32 copy and its completion rows (wmss.losses.sample_entropy)
+                  "hidden_states": tokens * widest.hidden * (s + 8), "entropy_chunks": 3 * CPU_CHUNK_BYTES,
                   "runtime": RUNTIME_BYTES if gpu else 0}
         peak = sum(memory.values())
         fits = (peak <= a.gpu_memory_gib * GIB) if gpu else None
