@@ -118,5 +118,7 @@ def test_plan_command_json(capsys):
     assert main(["plan", "qwen3-8b", "--json", "--gpus", "16", "--gpu-memory", "40"]) == 0
     stages = json.loads(capsys.readouterr().out)["stages"]
     assert {"peak_gib", "fits", "memory", "tokens_per_step", "hours"} <= set(stages["r1.jtws"])
+    by_ckpt = stages["r1.jtws"]["peak_gib_by_checkpointing"]
+    assert by_ckpt["on"] == stages["r1.jtws"]["peak_gib"] < by_ckpt["off"]
     assert stages["sft"]["gpus"] == 16
     assert main(["plan", "qwen3-8b", "--mfu", "2"]) == 2

@@ -230,6 +230,7 @@ class StagePlan:
     steps: int | None = None
     tflop: float | None = None
     hours: float | None = None
+    peak_gib_by_checkpointing: dict[str, float] | None = None  # training: the peak with it "on" and "off"
 
 
 @dataclass(frozen=True)
@@ -293,15 +294,7 @@ def _training_stage(name: str, cfg: WMSSConfig, opts: TrainingConfig, heads: lis
     else:
         buffers = 0.0
 
-    kept = recompute = frozen = 0
-    for shape, trainable in heads:
-        if trainable:
-            act = activation_bytes(shape, tokens, width, s, ckpt)
-            kept += act["kept"]
-            recompute = max(recompute, act["recompute"])
-        else:  # no autograd: its final hidden rows stay for the loss, one layer at a time is transient
-            frozen += tokens * shape.hidden * s
-            recompute = max(recompute, forward_transient_bytes(shape, tokens, width, s))
+    kept, recompute = _mix_activations(heads, tokens, width, s, ckpt)
     loss = 0
     fused = gpu and not opts.undial_sigma  # UNDIAL's target noise takes the chunked loss on GPUs too
     for shape, trainable in heads:
@@ -313,16 +306,15 @@ def _training_stage(name: str, cfg: WMSSConfig, opts: TrainingConfig, heads: lis
     loss += 0 if fused else 3 * CPU_CHUNK_BYTES
     runtime = RUNTIME_BYTES if gpu else 0
     memory = {"weights": weights, "gradients": grads, "optimizer": optim, "zero_buffers": buffers,
-              "activations": kept + frozen, "recompute": recompute, "loss": loss, "runtime": runtime}
+              "activations": kept, "recompute": recompute, "loss": loss, "runtime": runtime}
     peak = sum(memory.values())
-    # what the other checkpointing setting would need, for the user's choice
-    other = sum(activation_bytes(sh, tokens, width, s, not ckpt)["kept"] + activation_bytes(sh, tokens, width, s, not ckpt)["recompute"]
-                for sh, t in heads if t) + frozen
+    other = peak - kept - recompute + sum(_mix_activations(heads, tokens, width, s, not ckpt))
     plan = StagePlan(name, "train", "gpu" if gpu else "cpu", n if gpu else 0, {k: _gib(v) for k, v in memory.items()},
-                     _gib(peak), (peak <= a.gpu_memory_gib * GIB) if gpu else None)
+                     _gib(peak), (peak <= a.gpu_memory_gib * GIB) if gpu else None,
+                     peak_gib_by_checkpointing={"on" if ckpt else "off": _gib(peak), "off" if ckpt else "on": _gib(other)})
     plan.notes.append(f"ZeRO-{z} over {n} {'GPUs' if gpu else 'CPU workers'}, {'bf16' if bf16 else 'fp32'}, "
                       f"{tokens} padded tokens per micro-batch, activation checkpointing {'on' if ckpt else 'off'} "
-                      f"(peak with it {'off' if ckpt else 'on'}: {_gib(peak - kept - recompute - frozen + other)} GiB)")
+                      f"(peak with it {'off' if ckpt else 'on'}: {_gib(other)} GiB)")
     trainable_models = sum(1 for _, t in heads if t)
     plan.notes.append(f"{trainable_models} trainable and {len(heads) - trainable_models} frozen model(s), "
                       f"{sum(sh.params for sh, _ in heads) / 1e9:.2f}B parameters")
@@ -342,6 +334,22 @@ def _training_stage(name: str, cfg: WMSSConfig, opts: TrainingConfig, heads: lis
             flop += fwd * ((4 if ckpt else 3) if trainable else 1) * total_tokens
         _timed(plan, flop, a)
     return plan
+
+
+def _mix_activations(heads: list[tuple[ModelShape, bool]], tokens: int, width: int, s: int,
+                     ckpt: bool) -> tuple[int, int]:
+    """(kept, recompute) bytes of a mix: every trainable model keeps its activations; a frozen one runs
+    without autograd and keeps its final hidden states for the loss, with one layer at a time transient."""
+    kept = recompute = 0
+    for shape, trainable in heads:
+        if trainable:
+            act = activation_bytes(shape, tokens, width, s, ckpt)
+            kept += act["kept"]
+            recompute = max(recompute, act["recompute"])
+        else:
+            kept += tokens * shape.hidden * s
+            recompute = max(recompute, forward_transient_bytes(shape, tokens, width, s))
+    return kept, recompute
 
 
 def _timed(plan: StagePlan, flop: float, a: Assumptions) -> None:
