@@ -1,10 +1,17 @@
-"""Shared fixtures: one tiny model per test session, one local Ray instance for the tests that need it."""
+"""Shared fixtures: one tiny model per test session, one local Ray instance for the tests that need it, and
+one run of the reduced demo up to Phase 3 that the workflow, object-store and tune tests start from."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -80,17 +87,118 @@ def demo_rows() -> list[dict]:
     return training_rows(make_problems(24, seed=7))
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """A local Ray with 4 logical CPUs (2 training workers + data tasks fit on 2 cores), shared by every
-    test module that asks for it (started again if a module shut it down) and shut down at the end of the
-    session."""
+def _local_ray():
+    """The tests' one local Ray (started on first use), as the `ray` module."""
     import ray
 
     if not ray.is_initialized():
         ray.init(num_cpus=4, _temp_dir=RAY_TMP, log_to_driver=True,  # dashboard on: see wmss.raycluster
                  runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
-    yield ray
+    return ray
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray with 4 logical CPUs (2 training workers + data tasks fit on 2 cores), shared by every
+    test module that asks for it (started again if a module shut it down) and shut down at the end of the
+    session."""
+    yield _local_ray()
+
+
+# ------------------------------------------------------------------------ the shared reduced demo run
+
+# The reduced demo of the workflow-level tests (`wmss run`, `wmss tune`, the object-store run): these keys
+# fix the hashes of every stage before Phase 3, so a test that extends them with Phase-3/eval/baseline keys
+# only (as its own --set) can start from `demo_before_phase3`.
+REDUCED_DEMO = ["demo.n_train=24", "demo.n_eval=4", "demo.pretrain_steps=3", "eval.max_new_tokens=16",
+                "sft.global_batch=8"]
+BEFORE_PHASE3 = ("demo.data", "demo.base", "sft", "r1.score", "r1.select")
+
+
+def manifest_stages(run_dir: Path) -> dict:
+    """The stages of a local run directory's manifest ({} before it exists)."""
+    path = Path(run_dir) / "manifest.json"
+    try:
+        return json.loads(path.read_text())["stages"]
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or being replaced
+        return {}
+
+
+@pytest.fixture(scope="session")
+def demo_before_phase3(tmp_path_factory) -> Path:
+    """A local run directory of `wmss run --set REDUCED_DEMO` in which every stage before Phase 3
+    (BEFORE_PHASE3: demo data and base model, Phase 1 SFT, scoring, selection) is finished, with its MLflow
+    database: the real driver, stopped (SIGKILL) as soon as it starts r1.jtws, whose manifest entry, folder
+    and MLflow run are then removed. Built once per session; tests take copies with `seed_run` and run
+    only the stages they are about. Read-only: never run anything in it."""
+    ray = _local_ray()
+    run_dir = tmp_path_factory.mktemp("demo-before-phase3") / "run"
+    log = run_dir.parent / "driver.log"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # MLflow in the run directory
+    cmd = [sys.executable, "-m", "wmss.cli", "run", "--run-dir", str(run_dir), "--set", *REDUCED_DEMO,
+           f"ray.address={ray.get_runtime_context().gcs_address}"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 900
+    while proc.poll() is None and time.time() < deadline and "r1.jtws" not in manifest_stages(run_dir):
+        time.sleep(0.2)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stages = manifest_stages(run_dir)
+    assert all(stages.get(s, {}).get("status") == "done" for s in BEFORE_PHASE3) and "r1.jtws" in stages, (
+        "the shared demo run did not reach Phase 3:\n" + log.read_text()[-4000:])
+    time.sleep(3)  # let Ray reap the killed driver's job
+    from mlflow import MlflowClient
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    for name in set(manifest["stages"]) - set(BEFORE_PHASE3):
+        client.delete_run(manifest["stages"].pop(name)["mlflow_run_id"])
+        shutil.rmtree(run_dir / "stages" / name, ignore_errors=True)
+    (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return run_dir
+
+
+def seed_run(source: Path, target: str | Path, stages=BEFORE_PHASE3, *, mlflow_db: Path | None = None) -> None:
+    """Give the fresh run directory `target` (a folder or an object-store URI) the finished `stages` of the
+    run directory `source`: their folders and manifest entries (hashes unchanged, so the driver skips them).
+    With `mlflow_db` (the tracking database the driver will use, e.g. `<target>/mlflow.db`), `source`'s
+    MLflow database is copied there with its artifacts beside it (mlartifacts/, as the driver lays them
+    out), so the stages' runs stay nested under the run's parent; else the manifest names no MLflow runs
+    and the driver starts a new parent run."""
+    import sqlite3
+
+    from wmss.storage import RunStore, is_uri
+
+    manifest = json.loads((Path(source) / "manifest.json").read_text())
+    manifest["stages"] = {name: entry for name, entry in manifest["stages"].items() if name in stages}
+    assert set(manifest["stages"]) == set(stages), f"{source} has no finished {set(stages) - set(manifest['stages'])}"
+    if mlflow_db is None:
+        manifest = {"stages": {name: {k: v for k, v in entry.items() if k != "mlflow_run_id"}
+                               for name, entry in manifest["stages"].items()}}
+    mirror = Path(tempfile.mkdtemp(prefix="wmss-seed-")) if is_uri(target) else None
+    store = RunStore(target, mirror=mirror)
+    assert not (store.local / "manifest.json").exists(), f"{target} is not a fresh run directory"
+    for name in stages:
+        shutil.copytree(Path(source) / "stages" / name, store.local / "stages" / name)
+        store.push(f"stages/{name}")  # a local run directory: nothing to upload
+    if mlflow_db is not None:
+        mlflow_db = Path(mlflow_db).resolve()
+        assert not mlflow_db.exists(), f"{mlflow_db} exists"
+        mlflow_db.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(Path(source) / "mlflow.db", mlflow_db)
+        shutil.copytree(Path(source) / "mlartifacts", mlflow_db.parent / "mlartifacts")
+        old, new = (Path(source) / "mlartifacts").resolve().as_uri(), (mlflow_db.parent / "mlartifacts").as_uri()
+        db = sqlite3.connect(mlflow_db)
+        with db:  # the copy's artifacts live beside the copy
+            db.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (old, new))
+            db.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (old, new))
+        db.close()
+    (store.local / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    store.push("manifest.json")
+    if mirror is not None:
+        shutil.rmtree(mirror)
 
 
 def pytest_sessionfinish(session, exitstatus):

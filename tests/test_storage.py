@@ -2,7 +2,9 @@
 upload/download/seal rules, then `wmss run --run-dir s3://...` killed during Phase 3 and resumed from a
 fresh local mirror (another machine): the finished stages are fetched from S3, JTWS resumes from the
 checkpoints Ray Train wrote to S3, the Ray workers (whose WMSS_CACHE differs from the driver's, as another
-node's would) fetch the models themselves, and the run ends with its results in the bucket."""
+node's would) fetch the models themselves, and the run ends with its results in the bucket. The bucket's run
+directory starts with the stages before Phase 3 uploaded from the session's shared demo run (conftest
+`demo_before_phase3`), sealed as the driver seals them."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REDUCED_DEMO, seed_run
 
 from wmss.storage import SEAL, Localizer, RunStore, filesystem, is_uri, list_names, localize
 
@@ -98,15 +101,15 @@ def test_object_store_run_needs_a_tracking_server(tmp_path):
     assert done.returncode != 0 and "mlflow.tracking_uri: not set" in done.stderr + done.stdout
 
 
-REDUCED = ["demo.n_train=24", "demo.n_eval=4", "demo.pretrain_steps=3", "eval.max_new_tokens=16",
-           "sft.global_batch=8", "jtws.training.global_batch=2", "jtws.training.checkpoint_every=1",
+REDUCED = [*REDUCED_DEMO, "jtws.training.global_batch=2", "jtws.training.checkpoint_every=1",
            "jtws.training.max_failures=2", "baselines.methods=[]", "eval.methods=[wmss]"]
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_workflow_on_s3_resumes_on_another_machine(tmp_path, s3_bucket, ray_local):
+def test_workflow_on_s3_resumes_on_another_machine(tmp_path, s3_bucket, ray_local, demo_before_phase3):
     uri = f"s3://{s3_bucket}/runs/demo"
+    seed_run(demo_before_phase3, uri)
     address = ray_local.get_runtime_context().gcs_address
 
     def wmss_run(cache: Path, log: Path) -> subprocess.Popen:
