@@ -5,6 +5,11 @@ machine), a short temp dir under /tmp, a fresh auth token given to `ray start` a
 RAY_AUTH_TOKEN (as a user does with a cluster's token), and MLFLOW_TRACKING_URI in the cluster's environment
 (jobs inherit it). It is stopped by killing the processes whose environment or command line names its temp
 root, never with `ray stop`, which would stop every Ray of this user.
+
+The submitted run directory starts with the stages before Phase 3 of the session's shared demo run
+(conftest `demo_before_phase3`) and their MLflow runs in the cluster's tracking database, as a run submitted
+again under the same name finds them: the job skips them, runs Phase 3 and the evaluation on the cluster and
+logs them under the same parent run.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REDUCED_DEMO, seed_run
 
 # Named ports of one Ray head, then the range its workers listen on (one port per worker process).
 NAMED_PORTS = ("port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
@@ -136,16 +142,17 @@ def test_no_runtime_env_pip_sends_no_requirements():
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_submit_reduced_demo_succeeds_and_logs_to_mlflow(live_cluster):
+def test_submit_reduced_demo_succeeds_and_logs_to_mlflow(live_cluster, demo_before_phase3):
     from mlflow.tracking import MlflowClient
 
     address, env, root = live_cluster
     run = "live-demo"
+    seed_run(demo_before_phase3, Path(root) / "runs" / run,
+             mlflow_db=Path(env["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///")))
     command = [str(Path(sys.executable).parent / "wmss"), "submit", "--address", address, "--wait",
-               "--no-runtime-env-pip", "--name", run, "--set", "demo.n_train=16", "demo.n_eval=4",
-               "demo.pretrain_steps=2", "eval.max_new_tokens=16", "sft.global_batch=8",
-               "jtws.training.global_batch=8", "baselines.methods=[]", "eval.methods=[wmss]", f"run_dir={root}/runs"]
-    start = time.monotonic()
+               "--no-runtime-env-pip", "--name", run, "--set", *REDUCED_DEMO, "jtws.training.global_batch=8",
+               "baselines.methods=[]", "eval.methods=[wmss]", f"run_dir={root}/runs"]
+    start, start_ms = time.monotonic(), time.time() * 1000
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=1200)
     took = time.monotonic() - start
     assert done.returncode == 0, f"wmss submit failed after {took:.0f} s:\n{done.stdout[-6000:]}\n{done.stderr[-3000:]}"
@@ -162,3 +169,5 @@ def test_submit_reduced_demo_succeeds_and_logs_to_mlflow(live_cluster):
     stages = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert {"sft", "r1.score", "r1.select", "r1.jtws", "eval.wmss"} <= {r.data.tags["wmss.stage"] for r in stages}
     assert all(r.info.status == "FINISHED" for r in stages)
+    ran = {r.data.tags["wmss.stage"] for r in stages if r.info.start_time >= start_ms}  # by the job itself
+    assert ran == {"r1.jtws", "eval.wmss"}, ran
