@@ -240,8 +240,8 @@ def build_submission(config: str | os.PathLike | None, overrides: Sequence[str],
     """Everything `wmss submit` sends for run `run`, built and checked without contacting a cluster;
     `pip=False` sends no pip requirements (see build_runtime_env)."""
     check_run_name(run)
-    check_no_uri_credentials(config, overrides)
     config_arg = config_argument(config, root) if config is not None else None
+    check_no_uri_credentials(config, overrides)
     run_dir = run_dir_for(run_root(config, overrides), run)
     return Submission(run=run, run_dir=run_dir,
                       entrypoint=build_entrypoint(config_arg, list(overrides), run_dir),
