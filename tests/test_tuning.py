@@ -1,7 +1,9 @@
 """`wmss tune` on the demo: pure parts (search space on the simplex, concurrency from resources), then a
 real 4-trial tune (local Ray, Optuna, ASHA, TorchTrainer + DeepSpeed, MLflow on SQLite) that is killed after
 its first finished trial and resumed: scoring runs once, finished trials are not redone, every trial is an
-MLflow run under the tune's parent run, and best-config.yaml loads as a config."""
+MLflow run under the tune's parent run, and best-config.yaml loads as a config. The tune's run directory
+starts with the demo data, base model and Phase 1 of the session's shared demo run (conftest
+`demo_before_phase3`); scoring and the trials are the tune's own."""
 
 from __future__ import annotations
 
@@ -14,13 +16,14 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REDUCED_DEMO, seed_run
 
 from wmss.config import ConfigError, TrainingConfig, TuneConfig, load_config
 from wmss.tuning import BEST_CONFIG, TRIALS_DIR, TUNE_DIR, apply_params, trial_concurrency
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = ["demo.n_train=32", "demo.n_eval=8", "demo.pretrain_steps=5", "sft.global_batch=8",
-        "jtws.training.global_batch=8", "tune.num_samples=4", "tune.max_concurrent_trials=1", "tune.val_every=2"]
+TINY = [*REDUCED_DEMO, "jtws.training.global_batch=8", "tune.num_samples=4", "tune.max_concurrent_trials=1",
+        "tune.val_every=2"]
 
 
 def test_trial_params_keep_beta_on_the_simplex_and_the_config_valid():
@@ -98,12 +101,13 @@ def _tune(run_dir: Path, log: Path, address: str) -> subprocess.Popen:
 
 
 @pytest.mark.ray
-def test_tune_scores_once_logs_every_trial_and_resumes_after_a_kill(tmp_path, ray_local):
+def test_tune_scores_once_logs_every_trial_and_resumes_after_a_kill(tmp_path, ray_local, demo_before_phase3):
     import mlflow
 
     address = ray_local.get_runtime_context().gcs_address
 
     run_dir = tmp_path / "run"
+    seed_run(demo_before_phase3, run_dir, stages=("demo.data", "demo.base", "sft"))  # not r1.score: the tune's own
     experiment = run_dir / TUNE_DIR
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
     started = time.time()
