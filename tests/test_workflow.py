@@ -1,5 +1,9 @@
 """`wmss run` end to end on the reduced demo: killed during Phase 3 and resumed, a finished rerun that
-touches nothing, a config change that re-runs exactly the affected stages, and what MLflow holds."""
+touches nothing, a config change that re-runs exactly the affected stages, and what MLflow holds.
+
+The run starts from a copy of the session's shared run (conftest `demo_before_phase3`: the stages before
+Phase 3 finished, with their MLflow runs), so the first `wmss run` here skips them and goes straight to
+Phase 3, where it is killed."""
 
 from __future__ import annotations
 
@@ -12,13 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REDUCED_DEMO, seed_run
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 # max_failures: a worker group that fails right after the resume (e.g. an actor of the killed driver's job
 # still being torn down) restarts from the last checkpoint, as it would on a cluster
-REDUCED = ["demo.n_train=24", "demo.n_eval=4", "demo.pretrain_steps=3", "eval.max_new_tokens=16",
-           "sft.global_batch=8", "jtws.training.global_batch=2", "jtws.training.checkpoint_every=1",
+REDUCED = [*REDUCED_DEMO, "jtws.training.global_batch=2", "jtws.training.checkpoint_every=1",
            "jtws.training.max_failures=2"]
 
 
@@ -35,9 +39,11 @@ def _stages(run_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, ray_local):
-    """Start the demo, kill the driver once Phase 3 has written a checkpoint, run the same command again."""
+def finished_run(tmp_path_factory, ray_local, demo_before_phase3):
+    """Start the demo (its stages before Phase 3 copied from the shared run), kill the driver once Phase 3
+    has written a checkpoint, run the same command again."""
     run_dir = tmp_path_factory.mktemp("wf") / "run"
+    seed_run(demo_before_phase3, run_dir, mlflow_db=run_dir / "mlflow.db")
     address = ray_local.get_runtime_context().gcs_address
     cmd, env = _wmss_run(run_dir, address)
     first_log = run_dir.parent / "first-run.log"
