@@ -317,11 +317,13 @@ def _training_options(args, cfg, section: TrainingConfig) -> TrainingConfig:
         if one in given:  # a batch size given on the command line replaces the config's, whichever kind
             merged[other] = None
     merged.update(given)
-    merged["max_length"] = merged["max_length"] or cfg.max_length
     try:
-        return TrainingConfig.model_validate(merged)
+        section = TrainingConfig.model_validate(merged)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, "flags").replace("_", "-"))
+    from wmss.workflow import train_options
+
+    return train_options(cfg, section)
 
 
 def add_sft_arguments(parser: argparse.ArgumentParser) -> None:

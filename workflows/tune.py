@@ -75,9 +75,12 @@ def run_tune(cfg: WMSSConfig, run_dir: str | os.PathLike) -> dict:
     from ray import tune
     from ray.air.integrations.mlflow import MLflowLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
+    import optuna
     from ray.tune.search.optuna import OptunaSearch
 
     from wmss.storage import filesystem, is_uri
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # its "A new study created" line is not a stage event
 
     t = cfg.tune
     if t.val_data is None and cfg.data.train != DEMO:
