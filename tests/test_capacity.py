@@ -122,3 +122,39 @@ def test_plan_command_json(capsys):
     assert by_ckpt["on"] == stages["r1.jtws"]["peak_gib"] < by_ckpt["off"]
     assert stages["sft"]["gpus"] == 16
     assert main(["plan", "qwen3-8b", "--mfu", "2"]) == 2
+
+
+# ---- the guard of `wmss run` and `wmss submit` --------------------------------------------------------------
+
+_OVER = ["--set", "jtws.training.gradient_checkpointing=false"]  # the 8B pair without checkpointing: 106 GiB
+
+
+def test_run_refuses_a_config_that_does_not_fit_before_any_ray_resource(monkeypatch, capsys):
+    import workflows.wmss_pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "run_workflow", lambda *a, **k: pytest.fail("the workflow started"))
+    assert main(["run", "qwen3-8b", *_OVER]) == 2
+    err = capsys.readouterr().err
+    assert "wmss run: stage r1.jtws: predicted peak" in err and "--force" in err
+
+
+def test_run_force_skips_the_guard(monkeypatch, tmp_path):
+    import workflows.wmss_pipeline as pipeline
+
+    started = []
+    monkeypatch.setattr(pipeline, "run_workflow", lambda *a, **k: started.append(1) or {})
+    assert main(["run", "qwen3-8b", *_OVER, "--force", "--run-dir", str(tmp_path / "run")]) == 0
+    assert started
+
+
+def test_submit_refuses_before_contacting_the_cluster_and_forwards_force(monkeypatch, capsys):
+    import wmss.submit as submit
+
+    monkeypatch.setattr(submit, "_connect", lambda address: pytest.fail("contacted the cluster"))
+    overrides = [*_OVER, "run_dir=s3://bucket/wmss"]
+    assert main(["submit", "qwen3-8b", *overrides, "--address", "http://head:8265"]) == 2
+    assert "wmss submit: stage r1.jtws: predicted peak" in capsys.readouterr().err
+    forced = submit.build_submission("qwen3-8b", overrides[1:], "run-1", root=REPO, environ={}, force=True)
+    assert "--force" in forced.entrypoint.split()
+    plain = submit.build_submission("qwen3-8b", overrides[1:], "run-1", root=REPO, environ={})
+    assert "--force" not in plain.entrypoint.split()

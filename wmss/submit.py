@@ -208,14 +208,16 @@ def config_argument(config: str | os.PathLike, root: Path) -> str:
                           "move it under the project or pass --project") from None
 
 
-def build_entrypoint(config_arg: str | None, overrides: Sequence[str], run_dir: str) -> str:
-    """The shell command the job runs: exactly the local `wmss run [CONFIG] [--set K=V ...]`, plus
+def build_entrypoint(config_arg: str | None, overrides: Sequence[str], run_dir: str, force: bool = False) -> str:
+    """The shell command the job runs: exactly the local `wmss run [CONFIG] [--set K=V ...] [--force]`, plus
     `--run-dir RUN_DIR` (which also ends the `--set` list)."""
     argv = ["wmss", "run"]
     if config_arg is not None:
         argv.append(config_arg)
     if overrides:
         argv += ["--set", *overrides]
+    if force:
+        argv.append("--force")
     argv += ["--run-dir", run_dir]
     return shlex.join(argv)
 
@@ -236,15 +238,16 @@ def check_no_uri_credentials(config: str | os.PathLike | None, overrides: Sequen
 
 
 def build_submission(config: str | os.PathLike | None, overrides: Sequence[str], run: str, *, root: Path,
-                     environ: Mapping[str, str], pip: bool = True) -> Submission:
+                     environ: Mapping[str, str], pip: bool = True, force: bool = False) -> Submission:
     """Everything `wmss submit` sends for run `run`, built and checked without contacting a cluster;
-    `pip=False` sends no pip requirements (see build_runtime_env)."""
+    `pip=False` sends no pip requirements (see build_runtime_env); `force` passes `--force` to the job's
+    `wmss run`."""
     check_run_name(run)
     config_arg = config_argument(config, root) if config is not None else None
     check_no_uri_credentials(config, overrides)
     run_dir = run_dir_for(run_root(config, overrides), run)
     return Submission(run=run, run_dir=run_dir,
-                      entrypoint=build_entrypoint(config_arg, list(overrides), run_dir),
+                      entrypoint=build_entrypoint(config_arg, list(overrides), run_dir, force),
                       runtime_env=build_runtime_env(root, environ, pip=pip),
                       metadata={RUN_METADATA_KEY: run})
 
@@ -302,6 +305,9 @@ def add_submit_arguments(parser) -> None:
                                        "submitting a name again resumes that run (default: <config>-<UTC time>)")
     parser.add_argument("--wait", action="store_true",
                         help="stream the job's logs, print its final status, exit non-zero unless it SUCCEEDED")
+    parser.add_argument("--force", action="store_true",
+                        help="submit even when `wmss plan` predicts a stage will not fit 80 GiB per GPU (the job "
+                             "runs with --force too)")
     parser.add_argument("--runtime-env-pip", action=argparse.BooleanOptionalAction, default=True,
                         help="send the pinned requirements as the job's pip runtime env (default); with "
                              "--no-runtime-env-pip the job uses the cluster's Python as is, which saves Ray "
@@ -369,7 +375,12 @@ def run_submit(args) -> int:
     config = None if args.config is None else Path(args.config)
     run = check_run_name(args.name) if args.name else default_run_name(config)
     submission = build_submission(args.config, args.overrides, run, root=project_root(args.project, args.config),
-                                  environ=os.environ, pip=args.runtime_env_pip)
+                                  environ=os.environ, pip=args.runtime_env_pip, force=args.force)
+    if not args.force:  # before the cluster is contacted, as `wmss run` checks before any Ray resources
+        from wmss.capacity import check_fits
+        from wmss.config import load_config
+
+        check_fits(load_config(args.config, args.overrides))
     address = _cluster_address(args.address)
     print(format_submission(submission, address), flush=True)
     try:

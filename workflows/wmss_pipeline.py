@@ -266,13 +266,19 @@ def format_results(results: dict) -> str:
 def add_run_arguments(parser) -> None:
     add_config_source_arguments(parser)
     parser.add_argument("--run-dir", help="run directory (default: the config's run_dir, else runs/<name>)")
+    parser.add_argument("--force", action="store_true",
+                        help="run even when `wmss plan` predicts a stage will not fit 80 GiB per GPU")
 
 
 def run_cli(args) -> int:
-    """`wmss run`: validate the config (before any Ray resources), run or resume, print the results."""
+    """`wmss run`: validate the config and its predicted GPU memory (before any Ray resources), run or
+    resume, print the results."""
+    from wmss.capacity import check_fits
     from wmss.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if not args.force:
+        check_fits(cfg)
     target = run_location(cfg, args.run_dir)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     start = time.time()
