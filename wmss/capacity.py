@@ -32,7 +32,6 @@ CPU stages (no GPUs per worker) are planned in host memory and never refused (`f
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from dataclasses import asdict, dataclass, field

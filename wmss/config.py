@@ -395,6 +395,15 @@ def add_schema_flags(group, model: type[BaseModel], *, skip: tuple[str, ...] = (
             default=argparse.SUPPRESS, metavar="VALUE", help=f"{(field.description or '').replace('%', '%%')}{shown}".lstrip())
 
 
+def with_flags(section: BaseModel, given: dict) -> BaseModel:
+    """`section` with the flags `given` (field -> value) over it, validated by the section's own schema;
+    errors name the flags as typed."""
+    try:
+        return type(section).model_validate({**section.model_dump(), **given})
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, "flags").replace("_", "-"))
+
+
 def given_flags(args) -> dict:
     """The schema flags (`add_schema_flags`) the user gave, by field name."""
     return {k.removeprefix("set_"): v for k, v in vars(args).items() if k.startswith("set_")}

@@ -770,9 +770,7 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_score(args: argparse.Namespace) -> int:
     """Run `wmss score`: every flag is checked before Ray is touched (ConfigError / InputError)."""
-    from pydantic import ValidationError
-
-    from wmss.config import format_validation_error, given_flags, stage_config
+    from wmss.config import given_flags, stage_config, with_flags
 
     if args.model is not None:
         if args.weak is not None or args.strong is not None:
@@ -787,14 +785,11 @@ def run_score(args: argparse.Namespace) -> int:
             raise ConfigError("--name goes with --model; a weak/strong pair writes entropy_weak and entropy_strong")
         models = {"weak": args.weak, "strong": args.strong}
     cfg = stage_config(args.config, args.overrides)
-    merged = {**cfg.scoring.model_dump(), **given_flags(args)}
+    given = given_flags(args)
     if args.actors is not None:
         low, high = parse_actors(args.actors)
-        merged["actors"] = {"min": low, "max": high}
-    try:
-        s = ScoringConfig.model_validate(merged)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err, "flags").replace("_", "-"))
+        given["actors"] = {"min": low, "max": high}
+    s = with_flags(cfg.scoring, given)
     job = prepare_scoring(models, args.data, args.out, backend=s.backend, max_length=args.max_length or cfg.max_length,
                           actors=(s.actors.min, s.actors.max), gpus_per_actor=s.gpus_per_actor,
                           cpus_per_actor=s.cpus_per_actor, top_k=s.top_k, token_budget=s.token_budget, dtype=s.dtype,

@@ -19,7 +19,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from wmss.config import JTWSConfig, TrainingConfig, format_validation_error, given_flags, stage_config, yaml_value
+from wmss.config import TrainingConfig, given_flags, stage_config, with_flags, yaml_value
 from wmss.errors import ConfigError, InputError
 from wmss.plan import build_plan
 from wmss.train_loop import FINAL_MODEL_DIR, group_steps, plan_table, train_loop
@@ -59,7 +59,11 @@ class RayTrainSession:
         import ray.train.torch
         import torch
 
-        return ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)  # DeepSpeed, zero.Init and NCCL use the current device: this worker's GPU
+        return device
 
     def step_rows(self, start_step: int):
         import ray.train
@@ -309,21 +313,13 @@ def _add_training_flags(parser: argparse.ArgumentParser, section: str) -> None:
 
 def _training_options(args, cfg, section: TrainingConfig) -> TrainingConfig:
     """The section, then the flags given; max_length falls back to the workflow's."""
-    from pydantic import ValidationError
-
-    given = given_flags(args)
-    merged = section.model_dump()
-    for one, other in (("global_batch", "global_batch_tokens"), ("global_batch_tokens", "global_batch")):
-        if one in given:  # a batch size given on the command line replaces the config's, whichever kind
-            merged[other] = None
-    merged.update(given)
-    try:
-        section = TrainingConfig.model_validate(merged)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err, "flags").replace("_", "-"))
     from wmss.workflow import train_options
 
-    return train_options(cfg, section)
+    given = given_flags(args)
+    for one, other in (("global_batch", "global_batch_tokens"), ("global_batch_tokens", "global_batch")):
+        if one in given:  # a batch size given on the command line replaces the config's, whichever kind
+            given.setdefault(other, None)
+    return train_options(cfg, with_flags(section, given))
 
 
 def add_sft_arguments(parser: argparse.ArgumentParser) -> None:
@@ -352,15 +348,10 @@ def add_jtws_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_jtws(args) -> int:
-    from pydantic import ValidationError
-
     cfg = stage_config(args.config, args.overrides)
     options = _training_options(args, cfg, cfg.jtws.training)
     given = {k: getattr(args, k) for k in ("lam", "freeze_weak") if hasattr(args, k)}
-    try:
-        jtws = JTWSConfig.model_validate({**cfg.jtws.model_dump(exclude={"training"}), **given})
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err, "flags"))
+    jtws = with_flags(cfg.jtws, given)
     weak, strong = check_model_dir(args.weak, "--weak"), check_model_dir(args.strong, "--strong")
     active = load_active_set(args.active) if args.active else None
     train(jtws.heads(weak, strong), name="jtws", data=args.data, out=args.out, options=options, active=active,
