@@ -188,6 +188,33 @@ def test_missing_file_and_bad_yaml(tmp_path):
     assert "mapping" in _error(tmp_path, "- a\n- b\n")
 
 
+
+def _alias_bomb(levels: int) -> str:
+    """A "billion laughs" config: each level is 9 aliases of the one below, so `levels` levels expand to
+    9**levels strings while the file stays a few hundred bytes."""
+    lines = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join(lines) + f"\nsft:\n  lr: *a{levels - 1}\n"
+
+
+def test_an_alias_bomb_fails_fast_with_a_short_message(tmp_path):
+    import time
+
+    start = time.perf_counter()
+    message = _error(tmp_path, _alias_bomb(9))  # 387 million strings expanded
+    assert time.perf_counter() - start < 2 and len(message) < 300
+    assert "alias bomb" in message and "line 5" in message  # the level that crosses the limit
+    with pytest.raises(ConfigError, match="alias bomb"):
+        load_config(None, [f"sft.lr={{{_alias_bomb(9).replace(chr(10), ', ')}}}"])
+    assert "expands forever" in _error(tmp_path, "sft: &s\n  lr: [*s]\n")
+    # aliases a real config may use stay allowed, and a bad value under the limit is quoted only in part
+    path = tmp_path / "shared.yaml"
+    path.write_text("sft: &training {lr: 2.0e-5, epochs: 2}\njtws: {training: *training}\n")
+    assert load_config(path).jtws.training.epochs == 2
+    message = _error(tmp_path, _alias_bomb(3))  # 729 strings: under the limit, and not a number
+    assert "sft.lr = [[[" in message and max(map(len, message.splitlines())) < 400
+
+
 # ---- the README's config reference is generated from the schema; it must not drift from it ----
 
 def _schema_defaults(model: type, prefix: str = "") -> dict[str, object]:

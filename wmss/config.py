@@ -1,12 +1,15 @@
 """Configuration: pydantic models for every stage, validated before any Ray resources are requested.
 
-Errors name the key, the bad value and what is allowed (see `format_validation_error`)."""
+Errors name the key, the bad value and what is allowed (see `format_validation_error`). YAML (config files,
+`--set` values, flags) is read by `load_yaml` alone, which refuses documents whose aliases expand beyond
+`YAML_MAX_NODES` nodes (a "billion laughs" config) or refer to themselves, before anything walks them."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import re
+import reprlib
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -20,6 +23,52 @@ from wmss.errors import ConfigError
 # the repository's top-level configs/ folder, shipped inside the package (pyproject.toml's package-dir)
 CONFIG_PACKAGE = "wmss.configs"
 DEFAULT_CONFIG = "demo"
+# the most YAML nodes a config may hold with its aliases expanded: far above any real config (the largest
+# shipped one has a few hundred), far below what makes validation or an error message blow up
+YAML_MAX_NODES = 10_000
+QUOTED_VALUE_CHARS = 200  # an error message quotes at most this much of a bad value
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that measures each document, aliases expanded, before constructing it: the node
+    graph is small even when its expansion is astronomic, so the count is cheap (each node counted once)."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        sizes: dict[int, int] = {}
+
+        def expanded(n, path: tuple) -> int:
+            where = f"line {n.start_mark.line + 1}, column {n.start_mark.column + 1}"
+            if id(n) in path:
+                raise yaml.YAMLError(f"an alias refers to a node that contains it ({where}), which expands forever")
+            if id(n) not in sizes:
+                inner = (*path, id(n))
+                children = (n.value if isinstance(n, yaml.SequenceNode) else
+                            [c for pair in n.value for c in pair] if isinstance(n, yaml.MappingNode) else [])
+                sizes[id(n)] = 1 + sum(expanded(c, inner) for c in children)
+                if sizes[id(n)] > YAML_MAX_NODES:
+                    raise yaml.YAMLError(f"its aliases expand to more than {YAML_MAX_NODES} values ({where}); a "
+                                         "config this large is an alias bomb, not settings")
+            return sizes[id(n)]
+
+        if node is not None:
+            expanded(node, ())
+        return node
+
+
+def load_yaml(text: str):
+    """`text` parsed as YAML (safe types only), refusing alias bombs and self-referring aliases with a
+    yaml.YAMLError of a few lines."""
+    return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506  (a SafeLoader)
+
+
+def shorten(value: Any, limit: int = QUOTED_VALUE_CHARS) -> str:
+    """`repr(value)` cut to about `limit` characters, for error messages that quote what the user gave."""
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = limit
+    short.maxlevel, short.maxlist, short.maxdict = 4, 20, 20
+    text = short.repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}..."
 
 
 class _Strict(BaseModel):
@@ -311,11 +360,11 @@ def parse_overrides(pairs: list[str]) -> list[tuple[list[str], Any]]:
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set {pair!r}: expected key=value, e.g. --set jtws.lam=0.4")
+            raise ConfigError(f"--set {shorten(pair)}: expected key=value, e.g. --set jtws.lam=0.4")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = load_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError as err:
-            raise ConfigError(f"--set {pair!r}: the value is not valid YAML ({err})")
+            raise ConfigError(f"--set {shorten(pair)}: the value is not valid YAML ({err})")
         out.append((key.strip().split("."), value))
     return out
 
@@ -349,7 +398,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     overrides, validate. Raises ConfigError with one line per problem."""
     path = DEFAULT_CONFIG if path is None else path
     try:
-        raw = yaml.safe_load(config_file(path).read_text()) or {}
+        raw = load_yaml(config_file(path).read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config {path}: not valid YAML: {err}")
     if not isinstance(raw, dict):
@@ -365,7 +414,7 @@ def config_from_mapping(raw: dict, overrides: list[str] | None = None, where: st
         for k in keys[:-1]:
             child = node.setdefault(k, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"--set {'.'.join(keys)}: {k} is {child!r}, not a section")
+                raise ConfigError(f"--set {'.'.join(keys)}: {k} is {shorten(child)}, not a section")
             node = child
         node[keys[-1]] = value
     try:
@@ -376,7 +425,10 @@ def config_from_mapping(raw: dict, overrides: list[str] | None = None, where: st
 
 def yaml_value(text: str):
     """A flag's value read as YAML, as --set reads it, so that the schema, not argparse, checks it."""
-    return yaml.safe_load(text)
+    try:
+        return load_yaml(text)
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"not valid YAML ({err})") from None
 
 
 def add_schema_flags(group, model: type[BaseModel], *, skip: tuple[str, ...] = (), aliases: dict | None = None,
@@ -435,7 +487,7 @@ def format_validation_error(err: ValidationError, where: str = "config") -> str:
         loc = ".".join(str(p) for p in e["loc"])
         key = loc or "(top level)"
         value = e.get("input")
-        shown = "" if e["type"] == "missing" or isinstance(value, dict) else f" = {value!r}"
+        shown = "" if e["type"] == "missing" or isinstance(value, dict) else f" = {shorten(value)}"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; `wmss config show` prints every key)"
