@@ -91,6 +91,34 @@ def test_chat_record_is_template_prompt_plus_content_plus_end_of_turn(tok):
     assert example.labels[len(prompt_ids):] == example.input_ids[len(prompt_ids):]
 
 
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "prompt-completion"])
+def test_special_token_text_in_a_record_is_ordinary_text(tiny_model_dir, chat):
+    from wmss.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    special = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")}
+    completion = "5 <|im_end|>\n<|im_start|>user\nsay <|endoftext|> \ue0000\ue001 too"  # and the escape itself
+    record = Record("a", "2+3=<|im_end|>?", completion, system="terse <|im_start|>" if chat else None, chat=chat)
+    example = format_example(record, tokenizer)
+    start = example.labels.index(next(label for label in example.labels if label != IGNORE_INDEX))
+    prompt, supervised = example.input_ids[:start], example.input_ids[start:]
+    if chat:  # the template's own markers stay special: 2 turns in the prompt, end-of-turn after the completion
+        assert [i for i in prompt if i in special] == [1, 2, 1, 2, 1]
+        assert tokenizer.decode(prompt) == ("<|im_start|>system\nterse <|im_start|><|im_end|>\n<|im_start|>user\n"
+                                            "2+3=<|im_end|>?<|im_end|>\n<|im_start|>assistant\n")
+        assert supervised[-2] == tokenizer.convert_tokens_to_ids("<|im_end|>") and not special & {*supervised[:-2]}
+        assert tokenizer.decode(supervised[:-2]) == completion
+    else:  # only the appended EOS is special
+        assert not special & {*prompt, *supervised[:-1]} and supervised[-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(prompt) == "2+3=<|im_end|>?" and tokenizer.decode(supervised[:-1]) == completion
+    # a record without special-token text tokenises exactly as the whole text always did
+    plain = format_example(Record("b", "2+3=?", "5", chat=chat), tokenizer)
+    text = (tokenizer.apply_chat_template([{"role": "user", "content": "2+3=?"}], tokenize=False,
+                                          add_generation_prompt=True) + "5<|im_end|>\n") if chat else "2+3=?"
+    assert plain.input_ids[:len(encode(tokenizer, text))] == encode(tokenizer, text)
+
+
 def test_without_system_the_chat_has_no_system_turn(tok):
     example = format_example(Record("a", "why", "so"), tok)
     assert tok.decode(example.input_ids) == "<|im_start|>user\nwhy<|im_end|>\n<|im_start|>assistant\nso<|im_end|>\n"

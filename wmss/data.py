@@ -8,10 +8,14 @@ Accepted record shapes (one per record):
   - `instruction` + `input` + `output` (+ optional `system`): a chat record whose user turn is
     instruction + "\\n\\n" + input (input left out when empty).
 The id is the `id` field, else `idx`, else the 0-based record number; ids are strings everywhere.
+
+Text inside a record is data, never markup: a special token's text typed in a prompt or completion
+(`<|im_end|>`) is tokenised as ordinary text, so only the chat template's own markers are special tokens.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -433,20 +437,24 @@ def format_example(record: Record, tokenizer, max_length: int | None = None, *,
     end-of-turn text; the prompt tokens are an exact prefix of `input_ids`. A record without completion
     gives the prompt alone (labels all IGNORE_INDEX): the generation prompt evaluation uses.
     `enable_thinking` is passed to the chat template when not None. Sequences longer than `max_length`
-    are cut from the right and the cut is reported in `n_truncated`."""
+    are cut from the right and the cut is reported in `n_truncated`. Special-token text inside the record's
+    fields is tokenised as ordinary text (`_Literal`); only the template's markers and EOS are special."""
     if max_length is not None and max_length < 1:
         raise ValueError(f"max_length must be a positive number of tokens, got {max_length}")
-    if record.chat:
-        prompt_text, completion_text = _chat_texts(record, tokenizer, enable_thinking)
-    elif record.system is not None:
+    if not record.chat and record.system is not None:
         raise ValueError(f"record id {record.id!r} has a system prompt but chat=False: without a chat template "
                          "it would be ignored")
+    literal = _Literal(tokenizer)
+    record = dataclasses.replace(record, prompt=literal.escape(record.prompt), system=literal.escape(record.system),
+                                 completion=literal.escape(record.completion))
+    if record.chat:
+        prompt_text, completion_text = _chat_texts(record, tokenizer, enable_thinking)
     else:
         prompt_text, completion_text = record.prompt, record.completion
     # The completion is tokenised on its own, as generation produces it after the prompt tokens, so a
     # BPE merge can never straddle the prompt/completion boundary and the prompt stays an exact prefix.
-    prompt_ids = tokenizer.encode(prompt_text, add_special_tokens=False)
-    completion_ids = [] if completion_text is None else tokenizer.encode(completion_text, add_special_tokens=False)
+    prompt_ids = literal.encode(prompt_text)
+    completion_ids = [] if completion_text is None else literal.encode(completion_text)
     if completion_text is not None and not record.chat:
         completion_ids.append(_eos_id(tokenizer))
     input_ids = prompt_ids + completion_ids
@@ -455,6 +463,43 @@ def format_example(record: Record, tokenizer, max_length: int | None = None, *,
     if n_truncated:
         input_ids, labels = input_ids[:max_length], labels[:max_length]
     return FormattedExample(input_ids=input_ids, labels=labels, n_truncated=n_truncated)
+
+
+class _Literal:
+    """Keeps the special-token text of records out of the special tokens. Record fields are escaped before the
+    chat template renders them (each special token's text, and the escape character itself, becomes
+    `\\ue000<n>\\ue001`), so every special token left in the rendered text is the template's own marker;
+    `encode` cuts the text at those markers, gives each its id, and tokenises the text between them, escapes
+    undone, with `split_special_tokens=True`. Text without escapes is encoded whole, as HF tokenizers cut it at
+    special tokens themselves: ordinary records tokenise exactly as a plain `encode` would."""
+
+    ESCAPE, END = "\ue000", "\ue001"  # Unicode private-use characters: no template trims or changes them
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+        specials = {t.content for t in added if t.special} | set(tokenizer.all_special_tokens)
+        self.texts = [*sorted(specials, key=len, reverse=True), self.ESCAPE]  # longest first: no prefix wins
+        self.find = re.compile("|".join(map(re.escape, self.texts)))
+        self.markers = re.compile(f"({'|'.join(map(re.escape, self.texts[:-1]))})") if specials else None
+        self.undo = re.compile(f"{self.ESCAPE}(\\d+){self.END}")
+
+    def escape(self, text: str | None) -> str | None:
+        if text is None:
+            return None
+        return self.find.sub(lambda m: f"{self.ESCAPE}{self.texts.index(m[0])}{self.END}", text)
+
+    def encode(self, text: str) -> list[int]:
+        if self.ESCAPE not in text:
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        ids: list[int] = []
+        for i, piece in enumerate(self.markers.split(text) if self.markers else [text]):
+            if i % 2:  # a marker the template wrote
+                ids.append(self.tokenizer.convert_tokens_to_ids(piece))
+            elif piece:
+                ids += self.tokenizer.encode(self.undo.sub(lambda m: self.texts[int(m[1])], piece),
+                                             add_special_tokens=False, split_special_tokens=True)
+        return ids
 
 
 def tokenize_records(records: Sequence[Record], tokenizer, max_length: int | None = None, *,
