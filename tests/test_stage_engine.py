@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +17,7 @@ import pytest
 
 from wmss.config import WMSSConfig
 from wmss.storage import RunStore
-from wmss.workflow import Artifact, Manifest, Workflow, train_options
+from wmss.workflow import SMALL_FILE, Artifact, Manifest, Workflow, fingerprint, train_options
 
 
 class _Tracker:
@@ -93,6 +95,39 @@ def test_artifacts_and_train_options():
     cfg = WMSSConfig()
     assert cfg.sft.max_length is None and train_options(cfg, cfg.sft).max_length == cfg.max_length
     assert train_options(cfg, cfg.sft, neftune_alpha=5.0).neftune_alpha == 5.0
+
+
+
+def test_a_folder_fingerprint_survives_a_copy_and_sees_every_edit(tmp_path, monkeypatch):
+    monkeypatch.setenv("WMSS_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "model"
+    (model / "sub").mkdir(parents=True)
+    (model / "config.json").write_text('{"hidden": 128}')
+    (model / "sub" / "tokenizer.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(os.urandom(SMALL_FILE + 4096))  # hashed once, then cached
+    original = fingerprint(str(model))
+    assert len(list((tmp_path / "cache" / "fingerprints").iterdir())) == 1
+    for i, flags in enumerate(("-a", "-r")):  # -r: new mtimes and inodes
+        subprocess.run(["cp", flags, str(model), str(tmp_path / f"copy{i}")], check=True)
+        assert fingerprint(str(tmp_path / f"copy{i}")) == original
+    assert fingerprint(str(model)) == original and fingerprint(str(model / "config.json")) != original
+
+    def edited(rel: str, offset: int) -> str:
+        target = tmp_path / "copy1" / rel
+        st = target.stat()
+        with open(target, "r+b") as f:
+            f.seek(offset)
+            byte = f.read(1)
+            f.seek(offset)
+            f.write(bytes([byte[0] ^ 1]))
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # the same size and mtime
+        return fingerprint(str(tmp_path / "copy1"))
+
+    assert edited("sub/tokenizer.json", 1) != original
+    assert edited("sub/tokenizer.json", 1) == original  # flipped back
+    assert edited("model.safetensors", SMALL_FILE) != original
+    (tmp_path / "copy0" / "extra.txt").write_text("")
+    assert fingerprint(str(tmp_path / "copy0")) != original
 
 
 def test_no_library_module_imports_a_driver():

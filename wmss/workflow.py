@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from wmss.config import ConfigError, WMSSConfig, dump_config, public_config
-from wmss.io import write_json
+from wmss.io import atomic_path, write_json
 from wmss.storage import RunStore, is_uri
 
 LOGS_DIR = "logs"  # the run's log files: one per stage, and Ray's
@@ -117,19 +117,42 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def fingerprint(path: str) -> str:
-    """Cheap identity of an external input: file content hash for files, (name, size, mtime) of every
-    file for folders (model folders are GBs), the string itself for hub ids."""
-    from wmss.tracking import file_sha256
+SMALL_FILE = 1 << 20  # bytes: files up to this size are hashed on every fingerprint (configs, tokenizers)
 
+
+def fingerprint(path: str) -> str:
+    """Content identity of an external input, the same for a copy (`cp -r`, `rsync`, another machine) and
+    different after any byte of it changes: a file's SHA-256; a folder's digest of every file's (relative
+    name, size, SHA-256); for anything else (a hub id) the string itself.
+
+    Model folders are GBs, so a file over SMALL_FILE bytes has its SHA-256 cached in
+    `$WMSS_CACHE/fingerprints/`, keyed by its path, size, inode, mtime and ctime: a rerun reads nothing, a copy
+    or an edit is hashed once. Sampling blocks of weight files instead would be cheaper on a copy but could
+    miss an edited byte between samples; the ctime in the key catches an edit whose mtime was set back."""
     p = Path(path)
     if p.is_file():
-        return file_sha256(p)
+        return _content_sha256(p)
     if p.is_dir():
-        entries = sorted((str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns)
-                         for f in p.rglob("*") if f.is_file())
-        return _digest(entries)
+        files = sorted((f.relative_to(p).as_posix(), f) for f in p.rglob("*") if f.is_file())
+        return _digest([(rel, f.stat().st_size, _content_sha256(f)) for rel, f in files])
     return f"id:{path}"
+
+
+def _content_sha256(path: Path) -> str:
+    from wmss.io import cache_root
+    from wmss.tracking import file_sha256
+
+    st = path.stat()
+    if st.st_size <= SMALL_FILE:
+        return file_sha256(path)
+    identity = f"{path.resolve()}\0{st.st_size}\0{st.st_ino}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
+    cached = cache_root() / "fingerprints" / hashlib.sha256(identity.encode()).hexdigest()
+    if cached.is_file():
+        return cached.read_text()
+    digest = file_sha256(path)
+    with atomic_path(cached) as tmp:
+        tmp.write_text(digest)
+    return digest
 
 
 def train_options(cfg: WMSSConfig, section, **extra):
@@ -188,8 +211,6 @@ class Workflow:
 
     def write_text(self, rel: str, text: str) -> None:
         """Write a run-level file (config.yaml, results.*) atomically, and upload it to a URI run directory."""
-        from wmss.io import atomic_path
-
         with atomic_path(self.run_dir / rel) as tmp:
             tmp.write_text(text)
         self.store.push(rel)
