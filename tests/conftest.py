@@ -87,6 +87,24 @@ def demo_rows() -> list[dict]:
     return training_rows(make_problems(24, seed=7))
 
 
+# 24 samples, 2 per step -> 12 optimizer steps; lr high enough that every step visibly moves the weights
+RESUME_FLAGS = dict(workers=2, zero=2, global_batch=2, micro_batch_tokens=256, max_length=256, lr=2e-3,
+                    checkpoint_every=1, seed=3)
+
+
+@pytest.fixture(scope="session")
+def sft_reference(tmp_path_factory, tiny_model_dir, demo_rows) -> Path:
+    """An uninterrupted SFT run of `demo_rows` with RESUME_FLAGS (2 workers, ZeRO-2): the model every
+    interrupted run with these settings must end with, bitwise."""
+    from wmss.config import TrainingConfig
+    from wmss.training import sft_heads, train
+
+    _local_ray()
+    out = tmp_path_factory.mktemp("sft") / "model"
+    train(sft_heads(tiny_model_dir), name="sft", data=demo_rows, out=out, options=TrainingConfig(**RESUME_FLAGS))
+    return out
+
+
 def _local_ray():
     """The tests' one local Ray (started on first use), as the `ray` module."""
     import ray

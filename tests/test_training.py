@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import RESUME_FLAGS
 
 from wmss.config import JTWSConfig, TrainingConfig
 from wmss.errors import ConfigError
@@ -21,10 +22,6 @@ from wmss.plan import build_plan, lr_factor
 from wmss.training import sft_heads, train
 
 pytestmark = pytest.mark.ray
-
-# 24 samples, 2 per step -> 12 optimizer steps; lr high enough that every step visibly moves the weights
-RESUME_FLAGS = dict(workers=2, zero=2, global_batch=2, micro_batch_tokens=256, max_length=256, lr=2e-3,
-                    checkpoint_every=1, seed=3)
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -36,6 +33,13 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 def _write_jsonl(rows, path: Path) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def sft_command(model: Path, data: Path, out: Path, *extra: str, **flags) -> list[str]:
+    """`wmss sft` with RESUME_FLAGS (`flags` override them) and `extra` arguments."""
+    flags = {**RESUME_FLAGS, **flags}
+    return [sys.executable, "-m", "wmss.cli", "sft", "--model", str(model), "--data", str(data), "--out", str(out),
+            *(arg for k, v in flags.items() for arg in (f"--{k.replace('_', '-')}", str(v))), *extra]
 
 
 # ---- pure parts -------------------------------------------------------------------------------------
@@ -106,14 +110,6 @@ def test_stage_cli_settings_are_the_config_section_then_set_then_flags(tmp_path)
 # ---- Ray Train + DeepSpeed ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def sft_reference(tmp_path_factory, tiny_model_dir, demo_rows, ray_local):
-    """An uninterrupted SFT run with the resume test's exact settings (2 workers, ZeRO-2)."""
-    out = tmp_path_factory.mktemp("sft") / "model"
-    train(sft_heads(tiny_model_dir), name="sft", data=demo_rows, out=out, options=TrainingConfig(**RESUME_FLAGS))
-    return out
-
-
 def test_sft_zero2_two_workers_writes_a_trained_hf_model(sft_reference, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
@@ -134,13 +130,7 @@ def test_resume_after_killed_driver_equals_uninterrupted(sft_reference, tiny_mod
 
     data = _write_jsonl(demo_rows, tmp_path / "train.jsonl")
     out = tmp_path / "model"
-    flags = RESUME_FLAGS
-    cmd = [sys.executable, "-m", "wmss.cli", "sft", "--model", str(tiny_model_dir), "--data", str(data),
-           "--out", str(out), "--workers", str(flags["workers"]), "--zero", str(flags["zero"]),
-           "--global-batch", str(flags["global_batch"]), "--micro-batch-tokens", str(flags["micro_batch_tokens"]),
-           "--max-length", str(flags["max_length"]), "--lr", str(flags["lr"]),
-           "--checkpoint-every", "1", "--seed", str(flags["seed"]),
-           "--ray-address", ray.get_runtime_context().gcs_address]
+    cmd = sft_command(tiny_model_dir, data, out, "--ray-address", ray.get_runtime_context().gcs_address)
     checkpoints = tmp_path / "model.checkpoints"
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 400
@@ -154,9 +144,38 @@ def test_resume_after_killed_driver_equals_uninterrupted(sft_reference, tiny_mod
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed from step" in resumed.stdout + resumed.stderr
+    assert "settings and inputs match the checkpoints'" in resumed.stdout
     want, got = _weights(sft_reference), _weights(out)
     for k in want:
         assert torch.equal(want[k], got[k]), k
+
+
+def test_resume_refused_when_settings_or_data_differ(tiny_model_dir, demo_rows, tmp_path):
+    """Checkpoints whose record says lr 2e-3 and other data: `wmss sft` with lr 4e-3 refuses before Ray
+    (exit 2), naming both differences and how to start over; matching settings and inputs may resume, and
+    checkpoints without a record are refused."""
+    from wmss.resume import guard_resume
+    from wmss.training import _resume_record
+
+    data = _write_jsonl(demo_rows, tmp_path / "train.jsonl")
+    checkpoints = tmp_path / "model.checkpoints"
+    (checkpoints / "checkpoint_000000").mkdir(parents=True)
+    made_with = _resume_record(sft_heads(tiny_model_dir), data, TrainingConfig(**RESUME_FLAGS), None, "error", None, 0)
+    assert not guard_resume(checkpoints, *made_with, has_state=False, what="sft", start_over="")  # records them
+    assert guard_resume(checkpoints, *made_with, has_state=True, what="sft", start_over="")
+    _write_jsonl(demo_rows[:-1], data)  # the data changed since
+
+    t0 = time.time()
+    done = subprocess.run(sft_command(tiny_model_dir, data, tmp_path / "model", lr=4e-3), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "training.lr: 0.002 -> 0.004; input data changed" in done.stderr
+    assert f"delete {checkpoints} or pass another --out" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Ray" not in done.stderr and time.time() - t0 < 60
+
+    (checkpoints / "wmss-resume.json").unlink()
+    with pytest.raises(ConfigError, match="no record of the settings and inputs"):
+        guard_resume(checkpoints, *made_with, has_state=True, what="sft", start_over="delete it")
 
 
 def test_jtws_zero3_trains_both_and_frozen_weak_trains_strong_only(tiny_weak_strong, demo_rows, tmp_path, ray_local):

@@ -195,6 +195,29 @@ def prepare(heads: list[dict], *, name: str, data, options: TrainingConfig, acti
     return job, tables, len(samples)
 
 
+_RESUME_NEUTRAL = ("max_failures", "keep_checkpoints", "cpus_per_worker")  # raising them on a rerun changes no result
+
+
+def _resume_record(heads, data, options: TrainingConfig, active, on_bad_record, validation, val_every):
+    """(settings, input fingerprints) of a training run, as `wmss.resume.guard_resume` compares them: what
+    decides its steps and weights, never where its files lie (a copied folder resumes)."""
+    from wmss.workflow import _digest, fingerprint
+
+    def identity(source):
+        return fingerprint(str(source)) if isinstance(source, (str, os.PathLike)) else _digest(source)
+
+    training = {k: v for k, v in options.model_dump().items() if k not in _RESUME_NEUTRAL}
+    settings = {"training": training, "on_bad_record": on_bad_record,
+                "heads": {str(i): {"weight": h["weight"], "trainable": h["trainable"]} for i, h in enumerate(heads)},
+                "val_every": val_every if validation is not None else None}
+    inputs = {"data": identity(data), **{f"heads.{i}.model": identity(h["model"]) for i, h in enumerate(heads)}}
+    if active is not None:
+        inputs["active set"] = _digest(active)
+    if validation is not None:
+        inputs["validation data"] = identity(validation)
+    return settings, inputs
+
+
 def train(heads: list[dict], *, name: str, data, out, options: TrainingConfig, active: dict[str, int] | None = None,
           ray_address: str | None = None, mlflow_info: dict | None = None, on_bad_record: str = "error",
           storage_path=None, validation=None, val_every: int = 0, callbacks: list | None = None,
@@ -202,7 +225,8 @@ def train(heads: list[dict], *, name: str, data, out, options: TrainingConfig, a
     """Train the mix `heads` ([{model, weight, trainable}], the kept model last: `sft_heads(model)` or
     `JTWSConfig.heads(weak, strong)`) on Ray Train and write the kept model as a plain HF checkpoint to `out`
     (atomically). `name` names the stage in logs and metrics. Resumes from the last checkpoint under
-    `storage_path/<out name>.checkpoints` when one exists; `storage_path` (default: the folder of `out`) may
+    `storage_path/<out name>.checkpoints` when one exists and was made with the same settings and inputs
+    (else ConfigError, before Ray: see wmss.resume); `storage_path` (default: the folder of `out`) may
     be an object-store URI such as s3://bucket/run/stages/sft. Returns `out`.
 
     `validation` (records path or rows, formatted like `data`): the kept model's mean token CE on it is
@@ -222,14 +246,18 @@ def train(heads: list[dict], *, name: str, data, out, options: TrainingConfig, a
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from wmss.raycluster import ensure_ray
-
-    ensure_ray(ray_address)
+    from wmss.resume import guard_resume
     from wmss.storage import filesystem, is_uri, list_names
 
     storage = str(storage_path) if storage_path and is_uri(storage_path) else str(Path(storage_path or out.parent).resolve())
     checkpoints = f"{storage}/{out.name}.checkpoints"
-    if any(n.startswith("checkpoint_") for n in list_names(checkpoints)):  # same RunConfig: Ray Train restores
-        print(f"[wmss] {name}: resuming from the latest checkpoint in {checkpoints}", flush=True)
+    # same RunConfig: Ray Train restores the latest checkpoint; only those made with these settings and inputs
+    if guard_resume(checkpoints, *_resume_record(heads, data, options, active, on_bad_record, validation, val_every),
+                    has_state=any(n.startswith("checkpoint_") for n in list_names(checkpoints)), what=name,
+                    start_over=f"delete {checkpoints} or pass another --out"):
+        print(f"[wmss] {name}: resuming from the latest checkpoint in {checkpoints} (settings and inputs match the "
+              "checkpoints')", flush=True)
+    ensure_ray(ray_address)
     # an object-store URI goes to Ray Train as (filesystem, path): fsspec-only protocols work too
     storage_fs, storage_in_fs = filesystem(storage) if is_uri(storage) else (None, storage)
     use_gpu = options.gpus_per_worker > 0
