@@ -34,6 +34,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                "run the workflow as a Ray job on a cluster (same arguments as `wmss run`)"),
     "jobs": ("wmss.submit", "add_jobs_arguments", "run_jobs",
              "status, logs or stop of a submitted run"),
+    "stage": ("wmss.workflow", "add_stage_arguments", "run_stage_cli",
+              "reset a stage and everything downstream of it in a run directory, so the next run re-runs them"),
     "tune": ("workflows.tune", "add_tune_arguments", "run_tune_cli",
              "Ray Tune over lam/alpha/gamma (score once, tune many); writes best-config.yaml"),
     "compare": ("wmss.tracking", "add_compare_arguments", "run_compare",

@@ -11,6 +11,11 @@ checkpoints straight to the URI (its storage_path), so an unfinished training re
 pyarrow.fs opens s3/gs/hdfs natively (credentials and endpoints from the usual environment: AWS_*,
 including AWS_ENDPOINT_URL for S3-compatible stores, GOOGLE_APPLICATION_CREDENTIALS); other protocols
 go through fsspec wrapped as a pyarrow filesystem, which is also what Ray Train accepts.
+
+The manifest object is replaced only by a conditional write (`RunStore.write_if`): a driver writes it only
+if it is still the version that driver last read or wrote, so a second driver on the same URI is refused
+instead of overwriting the first one's entries. On S3 the check is the store's own (a PUT with If-Match /
+If-None-Match, atomic; needs boto3); elsewhere the version is compared just before the write.
 """
 
 from __future__ import annotations
@@ -22,6 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SEAL = ".wmss-finished"  # in a finished stage folder: the stage's hash
+
+
+class StaleWrite(Exception):
+    """A conditional write found the remote object changed since its version was read."""
 
 
 def is_uri(location: str | os.PathLike) -> bool:
@@ -114,6 +123,56 @@ class RunStore:
             pafs.copy_files(f"{self.root}/{rel}", str(tmp), source_filesystem=self.fs,
                             destination_filesystem=pafs.LocalFileSystem())
         return True
+
+    def _s3(self):
+        """(boto3 S3 client, bucket, key prefix) for an s3:// run directory with boto3 installed, else None."""
+        if not self.uri.startswith("s3://"):
+            return None
+        try:
+            import boto3
+        except ImportError:
+            return None
+        bucket, _, prefix = self.uri.removeprefix("s3://").partition("/")
+        return boto3.client("s3"), bucket, f"{prefix}/" if prefix else ""
+
+    def read_tagged(self, rel: str) -> tuple[bytes | None, str | None]:
+        """The remote file `rel` and a tag of that version (S3: its ETag; elsewhere: its SHA-256); (None,
+        None) when there is none."""
+        s3 = self._s3()
+        if s3 is not None:
+            client, bucket, prefix = s3
+            try:
+                reply = client.get_object(Bucket=bucket, Key=prefix + rel)
+            except client.exceptions.NoSuchKey:
+                return None, None
+            return reply["Body"].read(), reply["ETag"]
+        import pyarrow.fs as pafs
+
+        if self._info(rel).type != pafs.FileType.File:
+            return None, None
+        with self.fs.open_input_stream(f"{self.root}/{rel}") as f:
+            data = f.read()
+        return data, hashlib.sha256(data).hexdigest()
+
+    def write_if(self, rel: str, data: bytes, tag: str | None) -> str:
+        """Replace the remote file `rel` with `data` if it is still the version `tag` (None: if there is
+        none); returns the new version's tag, or raises StaleWrite."""
+        s3 = self._s3()
+        if s3 is not None:
+            client, bucket, prefix = s3
+            condition = {"IfMatch": tag} if tag is not None else {"IfNoneMatch": "*"}
+            try:
+                return client.put_object(Bucket=bucket, Key=prefix + rel, Body=data, **condition)["ETag"]
+            except client.exceptions.ClientError as err:
+                if err.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    raise StaleWrite(self.durable(rel)) from None
+                raise
+        if self.read_tagged(rel)[1] != tag:
+            raise StaleWrite(self.durable(rel))
+        self.fs.create_dir(self.root, recursive=True)
+        with self.fs.open_output_stream(f"{self.root}/{rel}") as f:
+            f.write(data)
+        return hashlib.sha256(data).hexdigest()
 
     def seal(self, rel: str, key: str) -> None:
         """Mark the local folder `rel` as the finished output with hash `key`, then upload it."""
