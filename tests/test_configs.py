@@ -207,6 +207,11 @@ def test_an_alias_bomb_fails_fast_with_a_short_message(tmp_path):
     with pytest.raises(ConfigError, match="alias bomb"):
         load_config(None, [f"sft.lr={{{_alias_bomb(9).replace(chr(10), ', ')}}}"])
     assert "expands forever" in _error(tmp_path, "sft: &s\n  lr: [*s]\n")
+    from wmss.submit import SubmitError, check_no_uri_credentials  # `wmss submit` reads the file before the schema
+
+    (tmp_path / "submit.yaml").write_text(_alias_bomb(9).replace("sft:\n  lr:", "mlflow:\n  tracking_uri:"))
+    with pytest.raises(SubmitError, match="alias bomb"):
+        check_no_uri_credentials(tmp_path / "submit.yaml", [])
     # aliases a real config may use stay allowed, and a bad value under the limit is quoted only in part
     path = tmp_path / "shared.yaml"
     path.write_text("sft: &training {lr: 2.0e-5, epochs: 2}\njtws: {training: *training}\n")

@@ -31,7 +31,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from wmss.config import ConfigError, add_config_source_arguments, config_file
+from wmss.config import ConfigError, add_config_source_arguments, config_file, load_yaml
 from wmss.errors import WmssError
 
 # Ray's token for the job API (the same variable Ray itself reads); sent as a bearer header.
@@ -429,7 +429,7 @@ def _read_config(config: str | os.PathLike) -> dict:
     """The top-level mapping of a YAML config (a file or a shipped config's name); SubmitError names the
     file (and line) otherwise."""
     try:
-        data = yaml.safe_load(config_file(config).read_text())
+        data = load_yaml(config_file(config).read_text())
     except ConfigError as e:
         raise SubmitError(str(e)) from None
     except OSError as e:
