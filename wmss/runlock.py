@@ -16,6 +16,7 @@ driver's process ends (also on an error, Ctrl-C or SIGTERM); a SIGKILLed driver 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import signal
@@ -139,7 +140,11 @@ class _FileLock:
             except FileExistsError:
                 holder = self._read()
                 if holder is None:  # being written by its creator (or left empty by a crash): look again
-                    if attempt < 20 or time.time() - self.path.stat().st_mtime < EXPIRES_S:
+                    try:
+                        age = time.time() - self.path.stat().st_mtime
+                    except FileNotFoundError:
+                        continue
+                    if attempt < 20 or age < EXPIRES_S:
                         time.sleep(0.1)
                         continue
                     holder = Holder("?", -1, 0.0, 0.0, "")
@@ -159,10 +164,10 @@ class _FileLock:
         try:
             os.close(os.open(mutex, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
         except FileExistsError:
-            if time.time() - mutex.stat().st_mtime > 60:  # a taker that died within these few lines
-                mutex.unlink(missing_ok=True)
-            else:
-                time.sleep(0.1)
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - mutex.stat().st_mtime > 60:  # a taker that died within these few lines
+                    mutex.unlink(missing_ok=True)
+            time.sleep(0.1)
             return
         try:
             current = self._read()
