@@ -324,3 +324,33 @@ def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):
     _set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     got = (random.random(), random.gauss(0, 1), np.random.standard_normal(), torch.rand(3))
     assert want[:3] == got[:3] and torch.equal(want[3], got[3])
+
+
+def test_zero0_reports_the_gradient_norm_before_clipping(tiny_model_dir, demo_rows, tmp_path, single_process_group):
+    """ZeRO-0 in fp32 (DeepSpeed keeps no norm there): the step's reported gradient norm is the total norm of
+    the gradient of the step's loss (token-mean CE over the batch), computed here without DeepSpeed."""
+    from wmss.losses import linear_cross_entropy
+    from wmss.models import load_tokenizer
+    from wmss.plan import collate
+    from wmss.training import prepare, sft_heads, train_plain
+
+    rows = demo_rows[:8]
+    opts = TrainingConfig(workers=1, zero=0, global_batch=8, micro_batch_tokens=4096, max_length=256, lr=1e-3,
+                          grad_clip=0.5)
+    train_plain(sft_heads(tiny_model_dir), name="sft", data=rows, root=tmp_path / "run", options=opts)
+    final = json.loads((tmp_path / "run" / "checkpoints" / "metrics.jsonl").read_text().splitlines()[-1])
+
+    _, tables, _ = prepare(sft_heads(tiny_model_dir), name="sft", data=rows, options=opts)
+    batch = tables["train"].to_pydict()
+    assert set(batch["step"]) == {0}
+    model = load_causal_lm(tiny_model_dir)
+    ids, mask, labels = collate([{"input_ids": i, "labels": l} for i, l in zip(batch["input_ids"], batch["labels"])],
+                                load_tokenizer(tiny_model_dir).pad_token_id)
+    hidden = final_hidden(model, ids, mask)[:, :-1]
+    target = labels[:, 1:]
+    keep = target != IGNORE_INDEX
+    loss = linear_cross_entropy(hidden[keep], output_weight(model), target[keep])  # token mean
+    loss.backward()
+    want = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+    assert want > opts.grad_clip  # so clipping acted, and the norm reported is the one before it
+    assert final["grad_norm"] == pytest.approx(float(want), rel=1e-4)

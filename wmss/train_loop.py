@@ -84,6 +84,7 @@ def deepspeed_config(opts: TrainingConfig, use_gpu: bool, hidden_size: int) -> d
     import torch
 
     bf16 = train_dtype(opts, use_gpu) == torch.bfloat16
+    plain = opts.zero == 0 and not bf16  # the engine's optimizer is the torch one: the loop clips (see _clip_hook)
     zero: dict = {"stage": opts.zero, "overlap_comm": use_gpu, "contiguous_gradients": True,
                   "stage3_gather_16bit_weights_on_model_save": True}
     if opts.zero == 3:
@@ -95,7 +96,7 @@ def deepspeed_config(opts: TrainingConfig, use_gpu: bool, hidden_size: int) -> d
         "gradient_accumulation_steps": 1,
         # our micro-batches vary in size: accumulate locally, one engine.step() per optimizer step
         "managed_gradient_accumulation": False,
-        "gradient_clipping": opts.grad_clip,
+        "gradient_clipping": 0.0 if plain else opts.grad_clip,
         "bf16": {"enabled": bf16},
         "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": {"lr": opts.lr, "betas": list(opts.adam_betas),
@@ -176,6 +177,13 @@ def train_loop(job: dict, session: WorkerSession) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
     import deepspeed
 
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce kernel (C++, OpenMP) at its first
+        # initialize: 30-75 s on a fresh 2-core machine, for collectives of a few MB that gloo does at once.
+        # DeepSpeed keeps this dict of usable ops for the process (edits persist); without the kernel it
+        # uses torch.distributed (gloo), the same collectives.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
     from wmss.models import load_tokenizer
     from wmss.objective import MixObjective
 
@@ -205,6 +213,7 @@ def train_loop(job: dict, session: WorkerSession) -> None:
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, total, opts.warmup_ratio, opts.lr_schedule, opts.min_lr_ratio)))
 
+    clipped = _clip_hook(engine, module, opts.grad_clip)
     start_step = 0
     with session.last_checkpoint() as d:
         if d is not None:
@@ -225,6 +234,7 @@ def train_loop(job: dict, session: WorkerSession) -> None:
     groups = session.step_rows(start_step)
     pending = next(groups, None)
     metrics: dict = {}
+    train_s = 0.0  # time in optimizer steps (rows, forward, backward, step): the rest of a stage is set-up
     for step in range(start_step, total):
         t0 = time.perf_counter()
         micro_rows: dict = {}
@@ -252,7 +262,9 @@ def train_loop(job: dict, session: WorkerSession) -> None:
         _check_finite(job["mode"], step + 1, "loss", sums[0], "before the optimizer step: the weights are untouched")
         engine.step()
         elapsed = time.perf_counter() - t0
+        train_s += elapsed
         grad_norm = engine.get_global_grad_norm()
+        grad_norm = clipped.get("norm") if grad_norm is None else grad_norm
         if grad_norm is not None:
             _check_finite(job["mode"], step + 1, "gradient norm", float(grad_norm),
                           "the last checkpoint holds the weights before it")
@@ -281,9 +293,27 @@ def train_loop(job: dict, session: WorkerSession) -> None:
         if logger is not None:
             logger.log({"val_loss": metrics["val_loss"]}, total)
     _report_final_model(engine, module, tokenizer, session,
-                        {"step": total, "final": 1, "trainable_params": trainable, **metrics})
+                        {"step": total, "final": 1, "trainable_params": trainable, **metrics, "train_s": train_s})
     if bar is not None:
         bar.close()
+
+
+def _clip_hook(engine, module, max_norm: float) -> dict:
+    """Where DeepSpeed keeps no gradient norm (ZeRO-0 in fp32: its optimizer is torch's, and its clipping
+    throws the norm away), clip in a hook that runs inside the optimizer step, after DeepSpeed's all-reduce:
+    the returned dict's "norm" is then the step's total gradient norm before clipping. Elsewhere: {}."""
+    import torch
+
+    if engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled():
+        return {}
+    params = [p for p in module.parameters() if p.requires_grad]
+    seen: dict = {}
+
+    def clip(_optimizer, _args, _kwargs):
+        seen["norm"] = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+
+    engine.optimizer.register_step_pre_hook(clip)
+    return seen
 
 
 def _check_finite(stage: str, step: int, what: str, value: float, state: str) -> None:
