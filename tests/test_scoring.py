@@ -345,6 +345,25 @@ def test_a_non_finite_entropy_stops_the_stage_and_seals_nothing(ray_local, model
     assert not out.exists()
 
 
+def test_resume_key_follows_the_models_content_not_their_folder(models, data_file, tmp_path):
+    """A copied model folder (another path, new mtimes) keeps the key its parts are filed under, so a copied
+    run directory, which the stage engine resumes, resumes its scoring too; one changed byte changes it."""
+    import shutil
+
+    copy = shutil.copytree(models["weak"], tmp_path / "copy", copy_function=shutil.copy)  # copy: new mtimes
+
+    def key(model: Path) -> str:
+        return prepare_scoring({"weak": model}, data_file, tmp_path / "scores.parquet").key
+
+    assert key(copy) == key(models["weak"])
+    with open(copy / "model.safetensors", "r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    assert key(copy) != key(models["weak"])
+
+
 @pytest.mark.ray
 def test_rerun_reuses_finished_parts_and_ignores_debris(ray_local, models, data_file, reference, tmp_path, capsys):
     job = prepare_scoring({"weak": models["weak"]}, data_file, tmp_path / "scores.parquet", cpus_per_actor=0.5)

@@ -33,11 +33,12 @@ by tokens, so the driver packs after sorting by length and each model call sees 
 
 Resume: finished samples are written, about once a minute, as atomic part files under
 `<out>.parts/<key>/`, where the key hashes the backend and its settings (K; the torch dtype), each model
-folder (path, file names, sizes and mtimes) and the tokenised data (ids, token ids, prompt lengths: so the
-data, `max_length` and the tokenizer are covered). A rerun with the same key scores only the samples no part
-holds; a changed key discards the old parts (their scores describe other inputs). The final parquet is
-assembled from the parts, checked to hold every input id exactly once, written atomically with the key in
-its metadata (a rerun with an unchanged key returns at once), and the parts are then removed.
+folder's content (wmss.workflow.fingerprint: a copied folder keeps its key, as the stage engine resumes a
+copied run directory) and the tokenised data (ids, token ids, prompt lengths: so the data, `max_length` and
+the tokenizer are covered). A rerun with the same key scores only the samples no part holds; a changed key
+discards the old parts (their scores describe other inputs). The final parquet is assembled from the parts,
+checked to hold every input id exactly once, written atomically with the key in its metadata (a rerun with
+an unchanged key returns at once), and the parts are then removed.
 """
 
 from __future__ import annotations
@@ -505,12 +506,13 @@ def _kv_bytes_per_token(config) -> int:
 
 
 def _job_key(job: ScoringJob) -> str:
-    digest = hashlib.sha256(f"wmss-score-v2|{job.backend.name}".encode())  # v2: the certified column
+    from wmss.workflow import fingerprint
+
+    digest = hashlib.sha256(f"wmss-score-v3|{job.backend.name}".encode())  # v3: models by content
     for spec in job.models:
-        digest.update(f"|{spec.name}|{spec.path}|{job.backend.key(spec)}".encode())
-        for file in sorted(p for p in spec.path.rglob("*") if p.is_file()):
-            stat = file.stat()
-            digest.update(f"|{file.relative_to(spec.path)}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        # the model's content, not its path or mtimes: a copied run directory, which the stage engine resumes,
+        # resumes its scoring parts too
+        digest.update(f"|{spec.name}|{fingerprint(str(spec.path))}|{job.backend.key(spec)}".encode())
     for sample_id, ids, prompt_length in zip(job.ids, job.tokens, job.prompt_lengths):
         digest.update(f"|{sample_id}|{prompt_length}|{len(ids)}|".encode())
         digest.update(ids.tobytes())
