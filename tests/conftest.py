@@ -3,6 +3,7 @@ one run of the reduced demo up to Phase 3 that the workflow, object-store and tu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -12,7 +13,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,6 +42,63 @@ os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "AWS_ACCES
 # The node cache of the tests' Ray workers (and of drivers that do not set their own): a driver given another
 # WMSS_CACHE stands for a second machine, whose mirror of an object-store run directory the workers lack.
 os.environ.setdefault("WMSS_CACHE", tempfile.mkdtemp(prefix="wmss-cache-"))
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path, port: int | None = None) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1:`port` (default: a free one) over the SQLite store `root/mlflow.db`
+    (artifacts proxied to `root/artifacts`) for the block; yields its URI. Stopped by killing its process
+    group; started again on the same root and port, it serves the same runs."""
+    port = port or _free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log_path = root / "server.log"
+    with open(log_path, "ab") as log:
+        server = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+             "--host", "127.0.0.1", "--port", str(port)],
+            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server on port {port} did not come up:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+# A finished workflow run as MLflow holds it, for the tests of `wmss compare` and of MLflow's UI
+RESULTS = {"base": {"synthetic": 0.25, "gsm8k": None}, "sft": {"synthetic": 0.5, "gsm8k": 0.125},
+           "wmss": {"synthetic": 0.625, "gsm8k": 0.25}}
+
+
+def log_workflow(uri: str, experiment: str, name: str, params: dict, results: dict | None = None):
+    """A workflow run without training: its parent run (tagged wmss.run_dir, as `wmss run` opens it) with
+    `params` and, when given, the `results` Tracker.log_results puts on it, and one nested eval stage. Returns
+    its Tracker (finished)."""
+    from wmss.tracking import Tracker
+
+    tracker = Tracker(uri, experiment, name, tags={"wmss.run_dir": f"/runs/{name}"})
+    tracker.log_params(params)
+    with tracker.stage("eval.wmss", tags={"wmss.method": "wmss"}) as stage:
+        stage.log_metrics({"eval/synthetic/accuracy": 0.99})  # not what compare reads: the parent's metrics are
+    if results is not None:
+        tracker.log_results(results, "table", {"sft": 1.0})
+    tracker.finish()
+    return tracker
 
 
 @pytest.fixture(scope="session")

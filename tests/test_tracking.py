@@ -1,27 +1,25 @@
-"""wmss.tracking against real MLflow (a SQLite store, and a real `mlflow server` on 127.0.0.1): the parent
-and nested runs hold what was logged, resuming reopens the same runs, plots draw exactly the data given,
-and `wmss compare` tabulates the eval runs."""
+"""wmss.tracking and wmss.compare against real MLflow (a SQLite store, and a real `mlflow server` on
+127.0.0.1): the parent and nested runs hold what was logged, resuming reopens the same runs, plots draw
+exactly the data given, and `wmss compare` puts workflow runs side by side."""
 
 from __future__ import annotations
 
 import hashlib
-import os
-import signal
-import socket
+import json
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pytest
+from conftest import RESULTS, log_workflow, mlflow_server
 from mlflow import MlflowClient
-from mlflow.entities import Metric
 
 from wmss.cli import main as wmss_main
-from wmss.tracking import (Tracker, compare_table, entropy_scatter, file_sha256, flatten, git_sha, metric_history,
-                           resolve_tracking_uri, training_curves, weight_histogram)
+from wmss.config import config_from_mapping, dump_config
+from wmss.errors import ConfigError
+from wmss.tracking import (StageRun, Tracker, entropy_scatter, file_sha256, flatten, git_sha,
+                           metric_history, resolve_tracking_uri, training_curves, weight_histogram)
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -34,41 +32,10 @@ def store(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` (SQLite backend, proxied artifacts) on a free local port; yields its URI and
-    stops it by killing its process group."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    log_path = root / "server.log"
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mlflow"), "server", "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-             "--host", "127.0.0.1", "--port", str(port)],
-            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server on port {port} did not come up:\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.5)
+def server(tmp_path_factory) -> str:
+    """A real `mlflow server` for the module (conftest.mlflow_server); its URI."""
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as uri:
         yield uri
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
 
 
 def _artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
@@ -80,13 +47,10 @@ def _artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) 
 
 def _log_like_a_train_worker(worker_info: dict, steps: range, scale: float = 1.0) -> None:
     """What rank 0 of a Ray Train worker does with StageRun.worker_info(): its own client, one batch per step."""
-    client = MlflowClient(tracking_uri=worker_info["tracking_uri"])
+    run = StageRun(MlflowClient(tracking_uri=worker_info["tracking_uri"]), **worker_info)
     for step in steps:
-        now = int(time.time() * 1000)
-        client.log_batch(worker_info["run_id"], metrics=[
-            Metric("train/loss", scale / step, now, step), Metric("train/margin_strong", scale * step, now, step),
-            Metric("train/nontarget_mass_strong", 0.5 / step, now, step),
-            Metric("train/nontarget_mass_mix", 0.6 / step, now, step)])
+        run.log_metrics({"train/loss": scale / step, "train/margin_strong": scale * step,
+                         "train/nontarget_mass_strong": 0.5 / step, "train/nontarget_mass_mix": 0.6 / step}, step)
 
 
 # ------------------------------------------------------------------------------------------ pure helpers
@@ -107,10 +71,10 @@ def test_tracking_uri_comes_from_config_then_environment_then_the_run_dir(tmp_pa
 @pytest.mark.parametrize("file_store", ["./mlruns", "/abs/mlruns", "file:///abs/mlruns", "mlruns"])
 def test_file_store_is_refused_naming_where_it_came_from(tmp_path, monkeypatch, file_store):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    with pytest.raises(ValueError, match=r"mlflow.tracking_uri in the config .*file store.*sqlite:///"):
+    with pytest.raises(ConfigError, match=r"mlflow.tracking_uri in the config .*file store.*sqlite:///"):
         resolve_tracking_uri(file_store, tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", file_store)
-    with pytest.raises(ValueError, match="MLFLOW_TRACKING_URI environment variable"):
+    with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI environment variable"):
         resolve_tracking_uri(None, tmp_path)
 
 
@@ -248,7 +212,7 @@ def test_parent_and_nested_runs_hold_params_metrics_artifacts_and_plots(store, t
 def test_the_outcome_lands_on_the_parent_run_of_a_training_experiment(store, tmp_path, monkeypatch):
     """What a user sees without expanding anything: accuracy and delta vs SFT per method and benchmark as
     parent-run metrics, stage wall times, the table as an MLflow table and as the run's description; the
-    experiment opens on MLflow's training-runs view."""
+    experiment is tagged as model training (tests/test_mlflow_ui.py checks what MLflow's UI opens)."""
     monkeypatch.chdir(tmp_path)
     tracker = Tracker(store, "outcome-test", "demo")
     results = {"base": {"gsm8k": 0.25, "synthetic": None}, "sft": {"gsm8k": 0.5}, "wmss": {"gsm8k": 0.625}}
@@ -299,65 +263,105 @@ def test_a_failed_stage_is_marked_and_a_rerun_resumes_the_same_runs(store):
         Tracker(store, "another-experiment", "wf", parent_run_id=tracker.parent_run_id)
 
 
-def _workflow_with_evals(uri: str, experiment: str, name: str, evals: dict[str, dict[str, float]]) -> None:
-    tracker = Tracker(uri, experiment, name)
-    with tracker.stage("sft") as sft:  # a stage without wmss.method is not a row
-        sft.log_metrics({"eval/gsm8k/accuracy": 0.99})
-    for method, metrics in evals.items():
-        with tracker.stage(f"eval-{method}", tags={"wmss.method": method}) as run:
-            run.log_metrics(metrics)
-    tracker.finish()
+def _run_dir(folder: Path, parent_run_id: str, tracking_uri: str | None) -> Path:
+    """What `wmss run` leaves in a run directory for compare: the manifest naming the parent run, config.yaml."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "manifest.json").write_text(json.dumps({"mlflow_parent_run_id": parent_run_id, "stages": {}}))
+    (folder / "config.yaml").write_text(dump_config(config_from_mapping({"mlflow": {"tracking_uri": tracking_uri}})))
+    return folder
 
 
-def test_compare_prints_methods_by_benchmarks(store, capsys, monkeypatch):
-    _workflow_with_evals(store, "compare-test", "wf-a", {
-        "sft": {"eval/gsm8k/accuracy": 0.5, "eval/svamp/accuracy": 0.25, "eval/gsm8k/n_problems": 1319},
-        "wmss": {"eval/gsm8k/accuracy": 0.625, "eval/svamp/accuracy": 0.3125, "eval/gsm8k/n_problems": 1319}})
-    _workflow_with_evals(store, "compare-test", "wf-b-longer-name", {"base": {"eval/gsm8k/accuracy": 0.125}})
-    _workflow_with_evals(store, "compare-other", "wf-c", {"undial": {"eval/aqua/accuracy": 0.75}})
-
-    table = compare_table(store, "compare-test")
-    lines = table.splitlines()
-    rows = lines[:lines.index("")]
-    assert [line.split() for line in rows] == [
-        ["workflow", "method", "gsm8k", "svamp", "gsm8k/n_problems"],
-        ["wf-a", "sft", "0.5000", "0.2500", "1319"],
-        ["wf-a", "wmss", "0.6250", "0.3125", "1319"],
-        ["wf-b-longer-name", "base", "0.1250", "-", "-"]]
-    assert len({len(line) for line in rows}) == 1  # aligned: numbers right-justified to one width per column
-    everywhere = [line.split()[:2] for line in compare_table(store).splitlines()[1:] if line.startswith("wf-")]
-    assert everywhere == [["wf-a", "sft"], ["wf-a", "wmss"], ["wf-b-longer-name", "base"], ["wf-c", "undial"]]
-
-    Tracker(store, "compare-empty", "wf").finish()
-    assert "no evaluated runs" in compare_table(store, "compare-empty")
-    with pytest.raises(LookupError, match="no MLflow experiment 'nope'.*compare-test"):
-        compare_table(store, "nope")
-
+def test_compare_puts_workflow_runs_side_by_side(store, tmp_path, capsys, monkeypatch):
+    """Two workflow runs that differ in jtws.lam: one methods x benchmarks table each (accuracy %, the
+    difference to sft in points) from the parent runs' metrics, the differing settings named, and MLflow's
+    compare view of exactly those runs; selected by filter, name, run directory; errors are one line."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert wmss_main(["compare", "--tracking-uri", store, "--experiment", "compare-test"]) == 0
-    assert capsys.readouterr().out == table + "\n"
-    assert wmss_main(["compare", "--run-dir", str(Path(store.removeprefix("sqlite:///")).parent),
-                      "--experiment", "compare-test"]) == 0
-    assert capsys.readouterr().out == table + "\n"
-    db = Path(store.removeprefix("sqlite:///"))
-    assert wmss_main(["compare", "--run-dir", str(db.parent / "elsewhere")]) == 2
-    assert f"no MLflow database at {db.parent / 'elsewhere' / 'mlflow.db'}" in capsys.readouterr().err
-    assert not (db.parent / "elsewhere").exists()
-    assert wmss_main(["compare", "--tracking-uri", store, "--experiment", "nope"]) == 2
-    assert "no MLflow experiment 'nope'" in capsys.readouterr().err
+    lam3 = log_workflow(store, "compare-test", "lam-0.3", {"jtws.lam": 0.3, "sft.lr": 1e-5}, RESULTS)
+    lam5 = log_workflow(store, "compare-test", "lam-0.5", {"jtws.lam": 0.5, "sft.lr": 1e-5},
+                        {**RESULTS, "wmss": {"synthetic": 0.75, "gsm8k": 0.25}})
+    unfinished = log_workflow(store, "compare-test", "no-lam", {"sft.lr": 1e-5})
+    Tracker(store, "compare-test", "not-a-workflow").finish()  # e.g. a standalone `wmss eval`: no wmss.run_dir
+    log_workflow(store, "compare-other", "elsewhere", {"jtws.lam": 0.7}, RESULTS)
+    capsys.readouterr()  # MLflow's lines about creating the store
+
+    def compare(*flags: str) -> tuple[int, str, str]:
+        code = wmss_main(["compare", "--tracking-uri", store, *flags])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    code, out, err = compare("--experiment", "compare-test", "--filter", "params.`jtws.lam` != ''")
+    assert code == 0 and err == ""
+    blocks = out.split("\n\n")
+    assert blocks[0].splitlines() == [
+        f"lam-0.3 · experiment compare-test · run {lam3.parent_run_id} · FINISHED",
+        "differs: jtws.lam=0.3",
+        "method             gsm8k     synthetic",
+        "--------------------------------------",
+        "base                   -  25.0 (-25.0)",
+        "sft                 12.5          50.0",
+        "wmss        25.0 (+12.5)  62.5 (+12.5)"]
+    assert blocks[1].splitlines()[:2] == [f"lam-0.5 · experiment compare-test · run {lam5.parent_run_id} · FINISHED",
+                                          "differs: jtws.lam=0.5"]
+    assert blocks[1].splitlines()[-1] == "wmss        25.0 (+12.5)  75.0 (+25.0)"
+    assert len(blocks) == 3  # the filter left out the run without jtws.lam and the one that is no workflow
+    experiment_id = MlflowClient(tracking_uri=store).get_experiment_by_name("compare-test").experiment_id
+    runs = quote(json.dumps([lam3.parent_run_id, lam5.parent_run_id], separators=(",", ":")))
+    assert blocks[2].splitlines() == [  # MLflow 3's compare view of the same runs, in its training view
+        "accuracy in %, (difference to sft in points)",
+        f"MLflow: start `mlflow server --backend-store-uri {store} --port 5000`, then open",
+        f"  experiment compare-test: http://127.0.0.1:5000/#/experiments/{experiment_id}?workflowType=machine_learning",
+        f"  compare view: http://127.0.0.1:5000/#/compare-runs?runs={runs}&experiments="
+        f"{quote(json.dumps([experiment_id]))}&workflowType=machine_learning"]
+
+    # every workflow run of the store: the unfinished one says so; the other experiment's run is there too
+    code, out, _ = compare()
+    assert code == 0 and [b.split(" · ")[0] for b in out.split("\n\n")[:-1]] == [
+        "lam-0.3", "lam-0.5", "no-lam", "elsewhere"]
+    assert f"no-lam · experiment compare-test · run {unfinished.parent_run_id} · FINISHED\ndiffers: jtws.lam=-" in out
+    assert "no results yet" in out
+    # by name: one run, whose MLflow page is named instead
+    code, out, _ = compare("--runs", "lam-0.5")
+    assert code == 0 and out.startswith("lam-0.5 · ") and "differs" not in out
+    assert out.rstrip().endswith(f"  run lam-0.5: http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/"
+                                 f"{lam5.parent_run_id}?workflowType=machine_learning")
+
+    # by run directory: each one's manifest names its parent run, its config.yaml (or the default
+    # <run dir>/mlflow.db, as `wmss run` resolves it) the store
+    db_dir = Path(store.removeprefix("sqlite:///")).parent
+    assert wmss_main(["compare", "--run-dir", str(_run_dir(db_dir, lam5.parent_run_id, None)),
+                      str(_run_dir(tmp_path / "r3", lam3.parent_run_id, store))]) == 0
+    out = capsys.readouterr().out
+    assert [b.split(" · ")[0] for b in out.split("\n\n")[:-1]] == ["lam-0.3", "lam-0.5"]  # oldest first
+    assert "compare-runs?runs=" in out
+
+    # errors: one line each, exit 2, naming what was wrong
+    for flags, message in [
+            (["--experiment", "nope"], "--experiment 'nope': no such MLflow experiment"),
+            (["--filter", "params.lam ~ 1"], "--filter 'params.lam ~ 1': MLflow cannot use it"),
+            (["--runs", "nobody"], "no workflow run (MLflow tag wmss.run_dir) at sqlite:"),
+            (["--run-dir", str(tmp_path / "missing")], f"{tmp_path / 'missing'}/manifest.json: not found")]:
+        code, out, err = compare(*flags)
+        assert (code, out) == (2, ""), flags
+        assert err.startswith(f"wmss compare: {message}") and err.count("\n") == 1, err
+    assert wmss_main(["compare", "--run-dir", str(_run_dir(tmp_path / "r4", "0" * 32, None))]) == 2
+    err = capsys.readouterr().err
+    assert f"no MLflow database at {tmp_path / 'r4' / 'mlflow.db'}" in err
+    assert not (tmp_path / "r4" / "mlflow.db").exists()  # nothing created where nothing was
+    code, _, err = compare("--run-dir", str(_run_dir(tmp_path / "r5", "0" * 32, store)))
+    assert code == 2 and f"its MLflow run {'0' * 32} is not at {store}" in err
 
 
-def test_tracker_logs_through_a_real_mlflow_server(mlflow_server, tmp_path):
-    tracker = Tracker(mlflow_server, "server-test", "wf-server", tags={"wmss.run_dir": str(tmp_path)})
+def test_tracker_logs_through_a_real_mlflow_server(server, tmp_path, capsys):
+    tracker = Tracker(server, "server-test", "wf-server", tags={"wmss.run_dir": str(tmp_path)})
     tracker.log_params({"sft.lr": 1e-5})
     with tracker.stage("jtws") as jtws:
         _log_like_a_train_worker(jtws.worker_info(), range(1, 4))
-        jtws.log_figure(training_curves(metric_history(mlflow_server, jtws.run_id)), "training_curves")
+        jtws.log_figure(training_curves(metric_history(server, jtws.run_id)), "training_curves")
     with tracker.stage("eval-wmss", tags={"wmss.method": "wmss"}) as evaluation:
         evaluation.log_metrics({"eval/gsm8k/accuracy": 0.75})
     tracker.finish()
 
-    client = MlflowClient(tracking_uri=mlflow_server)
+    client = MlflowClient(tracking_uri=server)
     parent = client.get_run(tracker.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.params == {"sft.lr": "1e-05"}
     assert parent.data.tags["wmss.run_dir"] == str(tmp_path)
@@ -369,4 +373,12 @@ def test_tracker_logs_through_a_real_mlflow_server(mlflow_server, tmp_path):
     assert _artifact_paths(client, jtws.run_id) == {"plots/training_curves.png"}
     png = client.download_artifacts(jtws.run_id, "plots/training_curves.png", str(tmp_path))
     assert Path(png).read_bytes()[:8] == PNG_MAGIC
-    assert compare_table(mlflow_server, "server-test").splitlines()[1].split() == ["wf-server", "wmss", "0.7500"]
+    # compare prints the server's own address of the run
+    capsys.readouterr()  # MLflow's "View run" lines
+    assert wmss_main(["compare", "--tracking-uri", server, "--runs", "wf-server"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("wf-server · experiment server-test") and "no results yet" in out
+    assert out.rstrip().endswith(f"MLflow:\n  experiment server-test: {server}/#/experiments/{parent.info.experiment_id}"
+                                 f"?workflowType=machine_learning\n  run wf-server: {server}/#/experiments/"
+                                 f"{parent.info.experiment_id}/runs/{tracker.parent_run_id}?workflowType=machine_learning")
+

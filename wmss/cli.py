@@ -38,8 +38,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
               "reset a stage and everything downstream of it in a run directory, so the next run re-runs them"),
     "tune": ("workflows.tune", "add_tune_arguments", "run_tune_cli",
              "Ray Tune over lam/alpha/gamma (score once, tune many); writes best-config.yaml"),
-    "compare": ("wmss.tracking", "add_compare_arguments", "run_compare",
-                "methods x benchmarks table of the evaluated runs in MLflow (SFT vs WMSS vs baselines)"),
+    "compare": ("wmss.compare", "add_compare_arguments", "run_compare",
+                "workflow runs side by side from MLflow: methods x benchmarks with deltas vs SFT, the compare view"),
 }
 
 

@@ -1,21 +1,20 @@
 """MLflow tracking for the workflow: one parent run per workflow run directory, a nested run per stage,
-the plots that explain a WMSS run, and `wmss compare` (methods x benchmarks from MLflow).
+and the plots that explain a WMSS run.
 
 Runs are addressed by id through `MlflowClient`, never through MLflow's global active-run stack, so the
 driver and Ray Train workers (which get `StageRun.worker_info()`) can log to the same run side by side.
 
 Tag conventions (the workflow sets them): parent `wmss.git_sha`, `wmss.data_hash`, `wmss.run_dir`; every
 stage run `wmss.stage`; eval stage runs `wmss.method` (sft, wmss, neftune, ...) with metrics
-`eval/<benchmark>/<metric>`, which is what `compare_table` reads."""
+`eval/<benchmark>/<metric>`. The parent carries the outcome (`Tracker.log_results`), which is what
+`wmss compare` (wmss.compare) reads."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -29,9 +28,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
-METHOD_TAG = "wmss.method"
+from wmss.errors import ConfigError
+
 STAGE_TAG = "wmss.stage"
-# MLflow opens an experiment with this tag on its training-runs view, not its GenAI overview
+# the experiment's kind for MLflow: model training, not GenAI. MLflow 3.17's UI opens on the view its own GenAI /
+# Model training switch (or the address's workflowType) names, whatever this tag says; wmss.compare's links name it
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 SQLITE_PREFIX = "sqlite:///"
 
@@ -44,7 +45,7 @@ def resolve_tracking_uri(configured: str | None, run_dir: str | os.PathLike) -> 
     MLFLOW_TRACKING_URI environment variable, else `sqlite:///<absolute run_dir>/mlflow.db`.
 
     A relative SQLite path is made absolute (against the current directory), so Ray workers, which run
-    elsewhere, reach the same database. A file store (`./mlruns`, `file:...`) raises ValueError naming
+    elsewhere, reach the same database. A file store (`./mlruns`, `file:...`) raises ConfigError naming
     where the URI came from: MLflow 3.17 refuses it."""
     for source, uri in (("mlflow.tracking_uri in the config", configured),
                         ("the MLFLOW_TRACKING_URI environment variable", os.environ.get("MLFLOW_TRACKING_URI"))):
@@ -52,15 +53,15 @@ def resolve_tracking_uri(configured: str | None, run_dir: str | os.PathLike) -> 
             continue
         scheme = urlparse(uri).scheme
         if scheme in ("", "file") or len(scheme) == 1:  # a bare path (one letter: a Windows drive) is a file store
-            raise ValueError(f"{source} is {uri!r}, an MLflow file store, which MLflow 3.17 refuses; use a "
+            raise ConfigError(f"{source} is {uri!r}, an MLflow file store, which MLflow 3.17 refuses; use a "
                              f"database such as sqlite:///{Path(run_dir).resolve() / 'mlflow.db'} or a tracking "
                              "server such as http://127.0.0.1:5000")
-        db = _sqlite_path(uri)
+        db = sqlite_path(uri)
         return f"{SQLITE_PREFIX}{db.resolve()}" if db is not None else uri
     return f"{SQLITE_PREFIX}{Path(run_dir).resolve() / 'mlflow.db'}"
 
 
-def _sqlite_path(uri: str) -> Path | None:
+def sqlite_path(uri: str) -> Path | None:
     """The database file of a `sqlite:///` URI (relative or absolute), None for other stores."""
     if not uri.startswith(SQLITE_PREFIX):
         return None
@@ -115,7 +116,7 @@ class Tracker:
         directory). Resuming a run that does not exist, or belongs to another experiment, raises ValueError."""
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
-        db = _sqlite_path(tracking_uri)
+        db = sqlite_path(tracking_uri)
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
         found = self.client.get_experiment_by_name(experiment)
@@ -366,76 +367,3 @@ def metric_history(tracking_uri: str, run_id: str, prefix: str = "train/") -> di
             newest[m.step] = m.value
         history[key[len(prefix):]] = sorted(newest.items())
     return history
-
-
-# ------------------------------------------------------------------------------------------ wmss compare
-
-
-def compare_table(tracking_uri: str, experiment: str | None = None) -> str:
-    """Methods x metrics as aligned plain text: one row per run tagged `wmss.method`, labelled by its
-    workflow (the parent run's name) and method, ordered by workflow start; one column per `eval/*`
-    metric, the per-benchmark accuracies first. `experiment` None reads every experiment. An experiment
-    with no such runs gives a message saying so; an unknown experiment raises LookupError."""
-    client = MlflowClient(tracking_uri=tracking_uri)
-    if experiment is None:
-        experiments, where = client.search_experiments(), "any experiment"
-    else:
-        found = client.get_experiment_by_name(experiment)
-        if found is None:
-            names = sorted(e.name for e in client.search_experiments())
-            raise LookupError(f"no MLflow experiment {experiment!r} at {tracking_uri}; it has {names}")
-        experiments, where = [found], f"experiment {experiment!r}"
-    runs, token = [], None
-    while True:  # search_runs pages at 1000 runs
-        page = client.search_runs([e.experiment_id for e in experiments], f"tags.`{METHOD_TAG}` != ''",
-                                  page_token=token)
-        runs += page
-        token = page.token
-        if not token:
-            break
-    if not runs:
-        return (f"no evaluated runs (tag {METHOD_TAG}) in {where} at {tracking_uri}; a workflow's eval stages "
-                "add them when they finish")
-
-    parents = {}
-    for pid in {r.data.tags.get(MLFLOW_PARENT_RUN_ID) for r in runs} - {None}:
-        parents[pid] = client.get_run(pid).info
-
-    def workflow(run):  # a run without a parent stands for itself
-        return parents.get(run.data.tags.get(MLFLOW_PARENT_RUN_ID), run.info)
-    runs.sort(key=lambda r: (workflow(r).start_time, workflow(r).run_id, r.data.tags[METHOD_TAG], r.info.start_time))
-
-    keys = sorted({k for r in runs for k in r.data.metrics if k.startswith("eval/")},
-                  key=lambda k: (not k.endswith("/accuracy"), k))
-    header = ["workflow", "method"] + [k.removeprefix("eval/").removesuffix("/accuracy") for k in keys]
-    rows = [[workflow(r).run_name, r.data.tags[METHOD_TAG]]
-            + [_format_number(r.data.metrics[k]) if k in r.data.metrics else "-" for k in keys] for r in runs]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-             for row in [header, *rows]]
-    note = "columns: eval/<benchmark>/accuracy as <benchmark>, other eval metrics as <benchmark>/<metric>"
-    return "\n".join([*lines, "", note])
-
-
-def _format_number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:.4f}"
-
-
-def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--experiment", help="MLflow experiment name (default: every experiment)")
-    parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else sqlite:///<run-dir>/mlflow.db")
-    parser.add_argument("--run-dir", default=".", help="a workflow run directory (default: the current one)")
-
-
-def run_compare(args: argparse.Namespace) -> int:
-    try:
-        uri = resolve_tracking_uri(args.tracking_uri, args.run_dir)
-        db = _sqlite_path(uri)
-        if db is not None and not db.is_file():  # MLflow would create an empty database there
-            raise LookupError(f"no MLflow database at {db}; pass --run-dir of a workflow run, --tracking-uri, or "
-                              "set MLFLOW_TRACKING_URI")
-        print(compare_table(uri, args.experiment))
-    except (ValueError, LookupError) as e:
-        print(f"wmss compare: {e}", file=sys.stderr)
-        return 2
-    return 0
