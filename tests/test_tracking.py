@@ -1,25 +1,30 @@
 """wmss.tracking and wmss.compare against real MLflow (a SQLite store, and a real `mlflow server` on
 127.0.0.1): the parent and nested runs hold what was logged, resuming reopens the same runs, plots draw
-exactly the data given, and `wmss compare` puts workflow runs side by side."""
+exactly the data given, a server that goes away mid-stage does not stop the logging worker, and
+`wmss compare` puts workflow runs side by side."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import subprocess
+import time
 from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
 import pytest
-from conftest import RESULTS, log_workflow, mlflow_server
+from conftest import RESULTS, _free_port, log_workflow, mlflow_server
 from mlflow import MlflowClient
 
 from wmss.cli import main as wmss_main
 from wmss.config import config_from_mapping, dump_config
 from wmss.errors import ConfigError
-from wmss.tracking import (StageRun, Tracker, entropy_scatter, file_sha256, flatten, git_sha,
+from wmss.tracking import (WORKER_HTTP_SETTINGS, StageRun, Tracker, entropy_scatter, file_sha256, flatten, git_sha,
                            metric_history, resolve_tracking_uri, training_curves, weight_histogram)
+from wmss.train_loop import _MetricLogger
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -46,7 +51,8 @@ def _artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) 
 
 
 def _log_like_a_train_worker(worker_info: dict, steps: range, scale: float = 1.0) -> None:
-    """What rank 0 of a Ray Train worker does with StageRun.worker_info(): its own client, one batch per step."""
+    """What rank 0 of a Ray Train worker does with StageRun.worker_info(): its own client, one batch per step
+    (StageRun.in_worker less its process-wide HTTP settings, which would outlive the test)."""
     run = StageRun(MlflowClient(tracking_uri=worker_info["tracking_uri"]), **worker_info)
     for step in steps:
         run.log_metrics({"train/loss": scale / step, "train/margin_strong": scale * step,
@@ -382,3 +388,55 @@ def test_tracker_logs_through_a_real_mlflow_server(server, tmp_path, capsys):
                                  f"?workflowType=machine_learning\n  run wf-server: {server}/#/experiments/"
                                  f"{parent.info.experiment_id}/runs/{tracker.parent_run_id}?workflowType=machine_learning")
 
+
+def test_training_goes_on_through_an_mlflow_outage(tmp_path, monkeypatch, caplog):
+    """The tracking server goes away mid-stage: a Ray Train worker's logger (train_loop._MetricLogger) keeps
+    each step's metrics and returns at once, saying so in one warning; the server comes back on the same port
+    and store, and the kept metrics arrive with the stage's final flush. A run whose server stays away past
+    its bounded time drops what it kept, with a warning that counts it."""
+    for name, value in WORKER_HTTP_SETTINGS.items():  # what StageRun.in_worker sets in a worker, kept to this test
+        monkeypatch.setenv(name, value)
+    caplog.set_level(logging.WARNING, logger="wmss.tracking")
+    root, port = tmp_path / "server", _free_port()
+    root.mkdir()
+    with contextlib.ExitStack() as first_server:
+        uri = first_server.enter_context(mlflow_server(root, port))
+        tracker = Tracker(uri, "outage-test", "wf", tags={"wmss.run_dir": str(tmp_path)})
+        stage = contextlib.ExitStack()  # the driver's stage stays open across the outage, as in a workflow
+        run = stage.enter_context(tracker.stage("r1.jtws"))
+        logger = _MetricLogger(run.worker_info(), prefix="jtws")
+        logger.run.retry_s = 0.5
+        dropping = StageRun(MlflowClient(tracking_uri=uri), uri, tracker.parent_run_id, retry_s=0.2, give_up_s=1.0)
+        for step in (1, 2):
+            logger.log({"loss": 1.0 / step}, step)
+        assert not caplog.records
+
+    # the server is gone: every step returns at once; one warning for the outage, not one per step
+    slowest = 0.0
+    for step in range(3, 9):
+        started = time.monotonic()
+        logger.log({"loss": 1.0 / step}, step)
+        slowest = max(slowest, time.monotonic() - started)
+        time.sleep(0.2)  # a training step
+    assert slowest < 1.0, f"a step waited {slowest:.1f} s for the dead server"
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and warnings[0].startswith(f"MLflow at {uri} is unreachable") and run.run_id in warnings[0]
+    dropping.log_metrics({"kept_then_dropped": 1.0}, 1)
+    time.sleep(1.1)
+    dropping.log_metrics({"kept_then_dropped": 2.0}, 2)
+    assert caplog.records[-1].getMessage().startswith(f"MLflow at {uri} unreachable for 1 s: dropped 2 metric value(s)")
+
+    with mlflow_server(root, port):  # back, on the same port and store
+        logger.run.flush()
+        assert caplog.records[-1].getMessage() == (f"MLflow at {uri} is reachable again: run {run.run_id}'s kept "
+                                                   "metrics and params were sent")
+        stage.close()
+        time.sleep(0.3)
+        dropping.log_metrics({"kept_then_dropped": 3.0}, 3)
+        tracker.finish()
+        client = MlflowClient(tracking_uri=uri)
+        assert [(m.step, m.value) for m in sorted(client.get_metric_history(run.run_id, "train/loss"),
+                                                  key=lambda m: m.step)] == [(s, 1.0 / s) for s in range(1, 9)]
+        assert client.get_run(run.run_id).info.status == "FINISHED"
+        assert [(m.step, m.value) for m in client.get_metric_history(tracker.parent_run_id, "kept_then_dropped")] \
+            == [(3, 3.0)]

@@ -3,6 +3,8 @@ and the plots that explain a WMSS run.
 
 Runs are addressed by id through `MlflowClient`, never through MLflow's global active-run stack, so the
 driver and Ray Train workers (which get `StageRun.worker_info()`) can log to the same run side by side.
+A tracking server that goes away does not stop a stage: `StageRun` keeps what it could not send and
+sends it when the server is back, or drops it with a warning after a bounded time.
 
 Tag conventions (the workflow sets them): parent `wmss.git_sha`, `wmss.data_hash`, `wmss.run_dir`; every
 stage run `wmss.stage`; eval stage runs `wmss.method` (sft, wmss, neftune, ...) with metrics
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import logging
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -35,6 +38,11 @@ STAGE_TAG = "wmss.stage"
 # Model training switch (or the address's workflowType) names, whatever this tag says; wmss.compare's links name it
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 SQLITE_PREFIX = "sqlite:///"
+# a Ray Train worker's MLflow requests: no retries inside MLflow's client (its default, 7 with backoff, blocks a
+# training step for minutes while the server is down; StageRun retries between steps instead) and a short timeout
+WORKER_HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ where to log
@@ -61,6 +69,16 @@ def resolve_tracking_uri(configured: str | None, run_dir: str | os.PathLike) -> 
     return f"{SQLITE_PREFIX}{Path(run_dir).resolve() / 'mlflow.db'}"
 
 
+def _redacted(uri: str) -> str:
+    from wmss.config import redact_uri
+
+    return redact_uri(uri)
+
+
+def _short(err: MlflowException, limit: int = 200) -> str:
+    return err.message if len(err.message) <= limit else err.message[:limit] + "..."
+
+
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a `sqlite:///` URI (relative or absolute), None for other stores."""
     if not uri.startswith(SQLITE_PREFIX):
@@ -72,27 +90,86 @@ def sqlite_path(uri: str) -> Path | None:
 
 
 class StageRun:
-    """One MLflow run addressed by its id: a workflow stage (or, inside `Tracker`, the parent run)."""
+    """One MLflow run addressed by its id: a workflow stage (or, inside `Tracker`, the parent run).
 
-    def __init__(self, client: MlflowClient, tracking_uri: str, run_id: str):
+    Metrics and params survive a tracking server that goes away: what cannot be sent (the server is
+    unreachable, or answers with a 5xx) is kept and sent with a later call, no sooner than `retry_s` after
+    the last try (so a step does not pay for a dead server each time); once the server has been
+    unreachable for `give_up_s`, what is kept is dropped with a warning saying how much. A refusal (4xx:
+    a param logged before with another value, a deleted run) still raises at once."""
+
+    def __init__(self, client: MlflowClient, tracking_uri: str, run_id: str, retry_s: float = 30.0,
+                 give_up_s: float = 600.0):
         self.client, self.tracking_uri, self.run_id = client, tracking_uri, run_id
+        self.retry_s, self.give_up_s = retry_s, give_up_s
+        self._metrics: list[Metric] = []  # kept while the server is unreachable
+        self._params: list[Param] = []
+        self._down_since: float | None = None  # time.monotonic() of the first failed send of this outage
+        self._next_try = 0.0
+
+    @classmethod
+    def in_worker(cls, info: Mapping[str, str]) -> StageRun:
+        """The run `worker_info()` describes, for a Ray Train worker process: MLflow's own HTTP retries are
+        turned off in this process (WORKER_HTTP_SETTINGS, unless its environment sets them), so a send to a
+        dead server fails in milliseconds and the step goes on; this StageRun retries between steps."""
+        for name, value in WORKER_HTTP_SETTINGS.items():
+            os.environ.setdefault(name, value)
+        return cls(MlflowClient(tracking_uri=info["tracking_uri"]), info["tracking_uri"], info["run_id"])
 
     def worker_info(self) -> dict:
         """What a Ray Train worker needs to log to this run with its own MlflowClient (plain data)."""
         return {"tracking_uri": self.tracking_uri, "run_id": self.run_id}
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        """Log every metric at `step` (0 when None) in one batch."""
+        """Log every metric at `step` (0 when None) in one batch (kept for later while the server is down)."""
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(key, float(value), now, step or 0)
-                                                    for key, value in metrics.items()])
+        self._metrics += [Metric(key, float(value), now, step or 0) for key, value in metrics.items()]
+        self._send()
 
     def log_params(self, params: Mapping[str, object]) -> None:
         """Log params in batches; each value is str()-ed and cut to MLflow's limit (6000 characters) — the
         full values belong in an artifact (the resolved config). Raises MlflowException when a param
-        already logged to this run had another value."""
-        self.client.log_batch(self.run_id, params=[Param(key, str(value)[:MAX_PARAM_VAL_LENGTH])
-                                                   for key, value in params.items()])
+        already logged to this run had another value. Kept for later while the server is down."""
+        self._params += [Param(key, str(value)[:MAX_PARAM_VAL_LENGTH]) for key, value in params.items()]
+        self._send()
+
+    def flush(self, wait_s: float = 30.0) -> None:
+        """Send what is kept, trying every second for up to `wait_s`; then drop it with a warning. For the end
+        of a stage, when no later call would send it."""
+        deadline = time.monotonic() + wait_s
+        while self._metrics or self._params:
+            self._next_try = 0.0
+            self._send(final=time.monotonic() >= deadline)
+            if self._metrics or self._params:
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+    def _send(self, final: bool = False) -> None:
+        now = time.monotonic()
+        if now >= self._next_try:
+            try:
+                self.client.log_batch(self.run_id, metrics=self._metrics, params=self._params)
+            except MlflowException as e:
+                if e.get_http_status_code() < 500:  # refused, not unreachable: nothing to wait for
+                    self._metrics, self._params = [], []
+                    raise
+                if self._down_since is None:
+                    self._down_since = now
+                    log.warning("MLflow at %s is unreachable (%s); keeping run %s's metrics and params, retrying "
+                                "every %.0f s for up to %.0f s", _redacted(self.tracking_uri), _short(e),
+                                self.run_id, self.retry_s, self.give_up_s)
+                self._next_try = now + self.retry_s
+            else:
+                if self._down_since is not None:
+                    log.warning("MLflow at %s is reachable again: run %s's kept metrics and params were sent",
+                                _redacted(self.tracking_uri), self.run_id)
+                self._metrics, self._params, self._down_since = [], [], None
+                return
+        if final or now - self._down_since >= self.give_up_s:
+            log.warning("MLflow at %s unreachable for %.0f s: dropped %d metric value(s) and %d param(s) of run %s",
+                        _redacted(self.tracking_uri), now - self._down_since, len(self._metrics), len(self._params),
+                        self.run_id)
+            # what comes next is kept for another give_up_s (and dropped with another warning if still unsent)
+            self._metrics, self._params, self._down_since = [], [], now
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """Copy the file `path` into the run's artifacts (under `artifact_path`, when given)."""
@@ -160,7 +237,8 @@ class Tracker:
     def stage(self, name: str, run_id: str | None = None, tags: dict[str, str] | None = None) -> Iterator[StageRun]:
         """A nested run `name` (tagged `wmss.stage`, plus `tags`, e.g. `wmss.method` on eval stages) under
         the parent, or the nested run `run_id` resumed (its `tags` updated). It ends FINISHED when the
-        block completes, KILLED on Ctrl-C and FAILED on any other exception (which propagates). Resuming a
+        block completes (after StageRun.flush), KILLED on Ctrl-C and FAILED on any other exception (which
+        propagates). Resuming a
         run that is not this parent's stage `name` raises ValueError."""
         if run_id is None:
             run_id = self.client.create_run(self.experiment_id, run_name=name, tags={
@@ -172,14 +250,16 @@ class Tracker:
                                  f"it is stage {found.get(STAGE_TAG)!r} of run {found.get(MLFLOW_PARENT_RUN_ID)}")
             self.client.update_run(run_id, status="RUNNING")
             self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in (tags or {}).items()])
+        run = StageRun(self.client, self.tracking_uri, run_id)
         try:
-            yield StageRun(self.client, self.tracking_uri, run_id)
+            yield run
         except KeyboardInterrupt:
             self.client.set_terminated(run_id, "KILLED")
             raise
         except BaseException:
             self.client.set_terminated(run_id, "FAILED")
             raise
+        run.flush()
         self.client.set_terminated(run_id, "FINISHED")
 
     def log_results(self, results: Mapping[str, Mapping[str, float | None]], table: str,
@@ -207,7 +287,9 @@ class Tracker:
         self.client.set_tag(self.parent_run_id, "mlflow.note.content", f"```\n{table}\n```")
 
     def finish(self, status: str = "FINISHED") -> None:
-        """End the parent run with `status` (FINISHED, FAILED or KILLED)."""
+        """Send what the parent run kept while the server was down (StageRun.flush), then end it with
+        `status` (FINISHED, FAILED or KILLED)."""
+        self._parent.flush()
         self.client.set_terminated(self.parent_run_id, status)
 
 

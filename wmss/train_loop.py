@@ -294,6 +294,8 @@ def train_loop(job: dict, session: WorkerSession) -> None:
             logger.log({"val_loss": metrics["val_loss"]}, total)
     _report_final_model(engine, module, tokenizer, session,
                         {"step": total, "final": 1, "trainable_params": trainable, **metrics, "train_s": train_s})
+    if logger is not None and logger.run is not None:
+        logger.run.flush()  # what a tracking-server outage kept back
     if bar is not None:
         bar.close()
 
@@ -363,25 +365,22 @@ def _report_final_model(engine, module, tokenizer, session: WorkerSession, metri
 
 
 class _MetricLogger:
-    """Rank 0's per-step metrics: to the stage's MLflow run when the driver opened one, and a line to the
-    log every `every` steps."""
+    """Rank 0's per-step metrics: to the stage's MLflow run when the driver opened one (a tracking server
+    that goes away does not stop training: wmss.tracking.StageRun keeps them and sends them later, or
+    drops them with a warning), and a line to the log every `every` steps."""
 
     def __init__(self, mlflow_info: dict | None, prefix: str, every: int = 10):
-        self.client = self.run_id = None
+        self.run = None
         self.prefix, self.every = prefix, every
         if mlflow_info:
-            import mlflow
+            from wmss.tracking import StageRun
 
-            self.client = mlflow.MlflowClient(tracking_uri=mlflow_info["tracking_uri"])
-            self.run_id = mlflow_info["run_id"]
+            self.run = StageRun.in_worker(mlflow_info)
 
     def log(self, metrics: dict, step: int) -> None:
         clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
-        if self.client is not None:
-            from mlflow.entities import Metric
-
-            now = int(time.time() * 1000)
-            self.client.log_batch(self.run_id, metrics=[Metric(f"train/{k}", v, now, step) for k, v in clean.items()])
+        if self.run is not None:
+            self.run.log_metrics({f"train/{k}": v for k, v in clean.items()}, step)
         if step == 1 or step % self.every == 0:
             print(f"[wmss] {self.prefix} step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in clean.items()), flush=True)
 
