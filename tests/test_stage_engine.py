@@ -202,6 +202,11 @@ def test_a_rerun_on_object_storage_replaces_the_remote_outputs_only_once_sealed(
     done, _ = _stage(None, 2, store=RunStore(uri, mirror=tmp_path / "c"))
     rel = done.outputs["file"].split("/c/", 1)[1]
     assert not any(n.startswith("stages/make/") for n in _s3_names(uri)) and rel in _s3_names(uri)
+    from wmss.cli import main
+
+    assert main(["stage", "reset", uri, "make"]) == 0
+    assert _s3_names(uri) == {"manifest.json"} and json.loads(RunStore(uri).read_tagged("manifest.json")[0]) == {
+        "stages": {}}  # nor the lock's `driver` entry
 
 
 def _chain(run_dir):
