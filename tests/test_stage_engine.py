@@ -305,6 +305,33 @@ def test_a_lock_of_another_host_is_taken_over_only_after_its_heartbeat_expires(t
     assert json.loads((tmp_path / "driver.lock").read_text())["host"] == "node-7"  # not ours to remove
 
 
+
+def test_a_heartbeat_that_cannot_be_written_is_tried_again(tmp_path, monkeypatch, capsys):
+    from wmss import runlock
+    from wmss.workflow import hold_run_dir
+
+    failures = iter([OSError(28, "No space left on device")] * 3)
+    real_atomic_path = runlock.atomic_path
+
+    def full_disk_for_a_while(path):
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        return real_atomic_path(path)
+
+    monkeypatch.setattr(runlock, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(runlock, "atomic_path", full_disk_for_a_while)
+    manifest = hold_run_dir(RunStore(tmp_path))
+    held = json.loads((tmp_path / "driver.lock").read_text())["heartbeat"]
+    time.sleep(0.6)
+    assert json.loads((tmp_path / "driver.lock").read_text())["heartbeat"] > held  # beating again
+    manifest.lock.release()
+    assert capsys.readouterr().out.count("cannot refresh its heartbeat ([Errno 28] No space left on device)") == 1
+    assert next(failures, None) is None and not (tmp_path / "driver.lock").exists()
+    manifest = hold_run_dir(RunStore(tmp_path))  # released, so free again
+    manifest.lock.release()
+
+
 def test_object_store_manifest_writes_are_conditional(tmp_path, s3_bucket, capsys):
     import boto3
 

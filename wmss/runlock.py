@@ -242,12 +242,19 @@ class DriverLock:
         _exit_on_sigterm()
 
     def _beat(self) -> None:
+        failing = False
         while not self.stop.wait(HEARTBEAT_S):
             try:
                 self.backend.refresh()
-            except Exception as err:  # noqa: BLE001  (the main thread meets it at its next manifest write)
+                failing = False
+            except WmssError as err:  # taken over: the main thread meets it at its next manifest write
                 print(f"[wmss] run directory lock: {err}", flush=True)
                 return
+            except Exception as err:  # noqa: BLE001  (a full disk, a store that is away: tried again next beat)
+                if not failing:
+                    print(f"[wmss] run directory lock: cannot refresh its heartbeat ({err}); trying again every "
+                          f"{HEARTBEAT_S:.0f} s", flush=True)
+                failing = True
 
     def check(self) -> None:
         """Raise LockLost when another driver took the lock over."""
