@@ -216,11 +216,6 @@ class Workflow:
         self.run_dir = store.local  # where stages read and write (a URI run directory's local mirror)
         self.finished: dict[str, list[str]] = {}  # stage hash -> the finished stage folders it names
 
-    def close(self) -> None:
-        """Give up the run directory's lock (also done when the process ends)."""
-        if self.manifest.lock is not None:
-            self.manifest.lock.release()
-
     def localizer(self):
         """What Ray workers on other nodes need to read this run's finished outputs (None: local run dir)."""
         from wmss.storage import Localizer
@@ -372,7 +367,7 @@ def open_workflow(cfg: WMSSConfig, run_dir: str | os.PathLike) -> Workflow:
     """Take the run directory's lock (one driver per run directory: wmss.runlock), open (or resume) its
     MLflow parent run, log the config's params once, write `config.yaml` and join Ray (its logs to
     `<run_dir>/logs/`): what every driver (`wmss run`, `wmss tune`) does before its stages. The lock is held
-    until `Workflow.close()` or the end of the process (an error and Ctrl-C included)."""
+    until `wf.manifest.lock.release()` or the end of the process (an error, Ctrl-C and SIGTERM included)."""
     if is_uri(run_dir) and not (cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
         raise ConfigError(f"mlflow.tracking_uri: not set, and the run directory {run_dir} is on object storage, "
                           "where the default SQLite store cannot live; set mlflow.tracking_uri (or "
