@@ -15,12 +15,15 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from conftest import REPO, RESULTS, log_workflow, mlflow_server
+from conftest import REPO, log_workflow, mlflow_server
 
 from wmss.compare import mlflow_links, workflow_runs
 
 README_SCREENSHOT = REPO / "docs" / "img" / "mlflow-compare.png"
-RUNS = {"lam-0.3": RESULTS, "lam-0.5": {**RESULTS, "wmss": {**RESULTS["wmss"], "synthetic": 0.75}}}
+# one benchmark: the compare view's metrics table shows about seven rows before it scrolls, and the screenshot
+# should hold every method's accuracy of both runs
+RUNS = {"lam-0.3": {"base": {"synthetic": 0.25}, "sft": {"synthetic": 0.5}, "wmss": {"synthetic": 0.625}},
+        "lam-0.5": {"base": {"synthetic": 0.25}, "sft": {"synthetic": 0.5}, "wmss": {"synthetic": 0.75}}}
 
 
 class _RenderedText(HTMLParser):
@@ -56,7 +59,7 @@ def _chromium(url: str, profile: Path, screenshot: Path | None = None) -> _Rende
     if binary is None:
         pytest.fail("Chromium is not installed: this test drives MLflow's UI in a real browser; install Debian's "
                     "`chromium` package (`apt-get install -y chromium`, as .ci/install does)")
-    args = [binary, "--headless", "--disable-gpu", "--hide-scrollbars", "--window-size=1400,1500",
+    args = [binary, "--headless", "--disable-gpu", "--hide-scrollbars", "--window-size=1400,1900",
             "--virtual-time-budget=20000", f"--user-data-dir={profile}", "--dump-dom",
             *([f"--screenshot={screenshot}"] if screenshot else []), url]
     if os.geteuid() == 0:
@@ -98,10 +101,8 @@ def test_mlflow_ui_shows_both_workflow_runs_results_side_by_side(tmp_path):
         values = [float(t) for t in metrics if "/" not in t]
         assert len(values) == 2 * len(keys), metrics
         shown = {key: tuple(values[2 * i:2 * i + 2]) for i, key in enumerate(keys)}
-        for method, accuracies in RESULTS.items():
-            for bench in accuracies:
-                both = tuple(RUNS[name][method][bench] for name in RUNS)
-                assert shown.get(f"{method}/{bench}/accuracy") == (None if None in both else both), (method, bench)
+        for method in RUNS["lam-0.3"]:
+            assert shown[f"{method}/synthetic/accuracy"] == tuple(RUNS[name][method]["synthetic"] for name in RUNS)
         assert shown["wmss/synthetic/delta_vs_sft"] == (0.125, 0.25)
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     print(f"\nMLflow compare view screenshot: {screenshot}")
