@@ -238,6 +238,34 @@ def demo_before_phase3(tmp_path_factory) -> Path:
     return run_dir
 
 
+# Phase 3 and one evaluation on top of the shared run (the console and fault tests): a checkpoint every step,
+# and a worker group that fails right after a resume (an actor of a killed driver's job still being torn down)
+# restarts from the last checkpoint, as it would on a cluster
+PHASE3_DEMO = [*REDUCED_DEMO, "jtws.training.global_batch=8", "jtws.training.checkpoint_every=1",
+               "jtws.training.max_failures=2", "baselines.methods=[]", "eval.methods=[wmss]"]
+
+
+def wmss_run_command(run_dir: Path, *settings: str) -> tuple[list[str], dict]:
+    """(argv, environment) of `wmss run` in `run_dir` with `--set settings` on the tests' local Ray, MLflow in
+    the run directory."""
+    cmd = [sys.executable, "-m", "wmss.cli", "run", "--run-dir", str(run_dir), "--set", *settings,
+           f"ray.address={_local_ray().get_runtime_context().gcs_address}"]
+    return cmd, {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+
+
+@pytest.fixture(scope="session")
+def demo_phase3_run(tmp_path_factory, demo_before_phase3) -> dict:
+    """`wmss run --set PHASE3_DEMO` continuing a copy of the shared run, uninterrupted: {"run_dir": its run
+    directory, "done": the CompletedProcess}. What the console test reads and what the fault tests' interrupted
+    runs must end with. Read-only."""
+    run_dir = tmp_path_factory.mktemp("demo-phase3") / "run"
+    seed_run(demo_before_phase3, run_dir)
+    cmd, env = wmss_run_command(run_dir, *PHASE3_DEMO)
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return {"run_dir": run_dir, "done": done}
+
+
 def seed_run(source: Path, target: str | Path, stages=BEFORE_PHASE3, *, mlflow_db: Path | None = None) -> None:
     """Give the fresh run directory `target` (a folder or an object-store URI) the finished `stages` of the
     run directory `source`: their folders and manifest entries (hashes unchanged, so the driver skips them).

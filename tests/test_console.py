@@ -1,37 +1,24 @@
 """What `wmss run` prints: one line per stage event and the results table, no line twice, nothing of Ray's
-own logs; those are in the run directory's log files. The run continues the session's shared demo run
-(conftest `demo_before_phase3`) with Phase 3 and one evaluation: Ray Train, Ray Data and MLflow all run."""
+own logs; those are in the run directory's log files. The run is the session's uninterrupted Phase 3 and
+evaluation on top of the shared demo run (conftest `demo_phase3_run`): Ray Train, Ray Data and MLflow all run."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from conftest import BEFORE_PHASE3, REDUCED_DEMO, seed_run
+from conftest import BEFORE_PHASE3
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parent.parent
 # what Ray's logs look like: a worker's prefix, a log record's level, Ray Data's progress. (Ray's C++ core
 # writes its own ERROR lines to the driver's stderr, e.g. core_worker.cc's warning about an actor pool's
 # constructor arguments in the object store once per scoring stage: no Python setting reaches those.)
 RAY_LOG_LINE = re.compile(r"\(\w*\s*pid=|\b(INFO|WARNING|DEBUG)\b|Running Dataset|logging_progress")
 
 
-def test_console_is_one_line_per_stage_event_and_ray_logs_go_to_the_run_dir(tmp_path, ray_local, demo_before_phase3):
-    run_dir = tmp_path / "run"
-    seed_run(demo_before_phase3, run_dir)
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # MLflow in the run directory
-    done = subprocess.run(
-        [sys.executable, "-m", "wmss.cli", "run", "--run-dir", str(run_dir), "--set", *REDUCED_DEMO,
-         "jtws.training.global_batch=8", "baselines.methods=[]", "eval.methods=[wmss]",
-         f"ray.address={ray_local.get_runtime_context().gcs_address}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+def test_console_is_one_line_per_stage_event_and_ray_logs_go_to_the_run_dir(demo_phase3_run):
+    run_dir, done = demo_phase3_run["run_dir"], demo_phase3_run["done"]
     lines = [line for line in done.stdout.splitlines() if line.strip()]
     assert len(lines) == len(set(lines)), f"a line printed twice:\n{done.stdout}"
     assert not [line for line in done.stdout.splitlines() + done.stderr.splitlines() if RAY_LOG_LINE.search(line)], (

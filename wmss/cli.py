@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
-from wmss.errors import EXIT_INTERRUPTED, EXIT_USAGE, WmssError
+from wmss.errors import EXIT_INTERRUPTED, EXIT_USAGE, WmssError, causes, no_space_left
 
 # subcommand -> (module, add-arguments function, run function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -56,7 +57,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; return its exit code. Plain `wmss` prints the usage and returns 2 (as git does).
-    A WmssError becomes `wmss COMMAND: message` on stderr and its exit code (wmss.errors); bad flags exit 2
+    A WmssError becomes `wmss COMMAND: message` on stderr and its exit code (wmss.errors), also when it lies
+    behind the error that ended the command, and so does a full disk (naming the path); bad flags exit 2
     through argparse's SystemExit; Ctrl-C returns 130."""
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)
@@ -65,12 +67,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     module, _add_fn, run_fn, _help = COMMANDS[args.command]
+    logging.raiseExceptions = False  # a log file that cannot be written (a full disk) prints no traceback per record
     try:
         return int(getattr(importlib.import_module(module), run_fn)(args) or 0)
-    except WmssError as err:
-        print("\n".join(f"wmss {args.command}: {line}" for line in str(err).splitlines() or [""]),
+    except Exception as err:
+        # the user's problem may hide behind an error met while cleaning up after it (a tracking database on the
+        # same full disk): the WmssError in the chain is what to say
+        user = next((e for e in causes(err) if isinstance(e, WmssError)), None)
+        full = no_space_left(err) if user is None else None
+        if full is not None:
+            user = WmssError(f"no space left on the device of {full.filename or 'the run directory'}; free space "
+                             "there, then rerun: finished stages are kept")
+        if user is None:
+            raise
+        print("\n".join(f"wmss {args.command}: {line}" for line in str(user).splitlines() or [""]),
               file=sys.stderr)
-        return err.exit_code
+        return user.exit_code
     except KeyboardInterrupt:
         print(f"wmss {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -34,3 +34,24 @@ class InputError(WmssError):
 class NonFiniteError(WmssError):
     """A stage met a NaN or an infinity (a training loss or gradient norm, an entropy score); names the
     stage, where (step or sample) and the value. Nothing built on it is sealed."""
+
+
+def causes(err: BaseException):
+    """`err` and every exception behind it, each once: its cause and context chain, and what a Ray Train
+    worker group reports (WorkerGroupError.worker_failures, each wrapping the worker's own exception)."""
+    seen, stack = set(), [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        stack += [e.__cause__, e.__context__, getattr(e, "_base_exc", None),  # Ray's UserExceptionWithTraceback
+                  *getattr(e, "worker_failures", {}).values()]
+
+
+def no_space_left(err: BaseException) -> OSError | None:
+    """The "No space left on device" OSError behind `err` (see `causes`), or None."""
+    import errno
+
+    return next((e for e in causes(err) if isinstance(e, OSError) and e.errno == errno.ENOSPC), None)

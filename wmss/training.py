@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from wmss.config import TrainingConfig, given_flags, stage_config, with_flags, yaml_value
-from wmss.errors import ConfigError, InputError
+from wmss.errors import ConfigError, InputError, WmssError, no_space_left
 from wmss.plan import build_plan
 from wmss.train_loop import FINAL_MODEL_DIR, group_steps, plan_table, train_loop
 
@@ -277,7 +277,13 @@ def train(heads: list[dict], *, name: str, data, out, options: TrainingConfig, a
         dataset_config=DataConfig(datasets_to_split=[],
                                   execution_options=ray.data.ExecutionOptions(preserve_order=True)),
     )
-    result = trainer.fit()  # no Ray Data bars in the workers (wmss.raycluster): the step bar says enough
+    try:
+        result = trainer.fit()  # no Ray Data bars in the workers (wmss.raycluster): the step bar says enough
+    except Exception as err:  # a full disk shows as a worker's error inside Ray's, a traceback deep
+        if no_space_left(err) is None:
+            raise
+        raise WmssError(f"{name}: no space left on the device of {checkpoints}, where its checkpoints go; free "
+                        "space there, then rerun: the stage resumes from its last checkpoint") from err
     if result.checkpoint is None:
         raise RuntimeError(f"{name} finished without a final checkpoint (error: {result.error})")
     with result.checkpoint.as_directory() as d:
