@@ -48,10 +48,11 @@ def write_json(target: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def write_parquet(target: str | os.PathLike, table) -> None:
-    """Write a pyarrow Table (or anything `pyarrow.table` accepts) as Parquet, atomically."""
+def write_parquet(target: str | os.PathLike, table, **options) -> None:
+    """Write a pyarrow Table (or anything `pyarrow.table` accepts) as Parquet, atomically (`options`: those
+    of `pyarrow.parquet.write_table`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     with atomic_path(target) as tmp:
-        pq.write_table(table if isinstance(table, pa.Table) else pa.table(table), tmp)
+        pq.write_table(table if isinstance(table, pa.Table) else pa.table(table), tmp, **options)

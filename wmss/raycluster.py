@@ -43,6 +43,8 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, log_d
         ray.init(address=address, log_to_driver=True)
     else:
         os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"  # see above; the local raylet, so every worker, inherits it
+        # one machine started here is never drained: no preemption-watcher actor per training stage
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # with the dashboard (Ray's default): Ray Train's placement-group cleaner asks the State API
         # whether a Train controller is alive; without it, a Tune trial stopped early leaks its workers'
         # placement group and the next trial waits for those CPUs forever

@@ -389,16 +389,64 @@ class _MetricLogger:
 
 
 def plan_table(plan, samples: list[dict]):
-    """The plan as one Arrow table in plan order (step, rank, micro), with each row's token ids and labels:
-    what the workers read their rows from."""
+    """The plan as one Arrow table in plan order (step, rank, micro), with each row's token ids and labels
+    (int32): what the workers read their own rows from (`plan_rows`)."""
     import pyarrow as pa
 
     order = np.lexsort((plan.micro, plan.rank, plan.step))
+    tokens = pa.list_(pa.int32())
     return pa.table({
         "step": plan.step[order], "rank": plan.rank[order], "micro": plan.micro[order],
-        "input_ids": [samples[i]["input_ids"] for i in plan.sample[order]],
-        "labels": [samples[i]["labels"] for i in plan.sample[order]],
+        "input_ids": pa.array([samples[i]["input_ids"] for i in plan.sample[order]], type=tokens),
+        "labels": pa.array([samples[i]["labels"] for i in plan.sample[order]], type=tokens),
     })
+
+
+PLAN_ROW_GROUP = 4096  # rows per Parquet row group of a plan: a resumed worker skips whole groups of done steps
+
+
+def write_table(location: str, table) -> None:
+    """Write a plan (or validation) table as Parquet to a local path (atomically) or an object-store URI (one
+    object, replaced whole)."""
+    from wmss.storage import filesystem, is_uri
+
+    if is_uri(location):
+        import pyarrow.parquet as pq
+
+        fs, path = filesystem(location)
+        pq.write_table(table, path, filesystem=fs, row_group_size=PLAN_ROW_GROUP)
+    else:
+        from wmss.io import write_parquet
+
+        write_parquet(location, table, row_group_size=PLAN_ROW_GROUP)
+
+
+def _dataset(location: str):
+    import pyarrow.dataset as ds
+
+    from wmss.storage import filesystem, is_uri
+
+    fs, path = filesystem(location) if is_uri(location) else (None, str(location))
+    return ds.dataset(path, format="parquet", filesystem=fs)
+
+
+def plan_rows(location: str, rank: int, start_step: int) -> Iterator[tuple[int, dict[int, list[dict]]]]:
+    """(step, {micro: rows}) of `rank`'s rows of the plan at `location` (path or URI), from `start_step` on,
+    streamed: only this worker's rows leave the file, a batch at a time, in plan order."""
+    import pyarrow.dataset as ds
+
+    scanner = _dataset(location).scanner(filter=(ds.field("rank") == rank) & (ds.field("step") >= start_step),
+                                         batch_size=256, use_threads=False)  # one thread keeps the plan order
+    batches = ({n: c.to_pylist() for n, c in zip(rb.schema.names, rb.columns)} for rb in scanner.to_batches())
+    return group_steps(batches, rank, start_step)
+
+
+def validation_rows(location: str, batch_rows: int) -> Iterator[list[dict]]:
+    """Batches of `batch_rows` validation rows from the table at `location` (every worker reads them all)."""
+    scanner = _dataset(location).scanner(columns=["input_ids", "labels"], batch_size=batch_rows, use_threads=False)
+    for rb in scanner.to_batches():
+        part = rb.to_pydict()
+        yield [{"input_ids": i, "labels": l} for i, l in zip(part["input_ids"], part["labels"])]
 
 
 def group_steps(batches, rank: int, start_step: int) -> Iterator[tuple[int, dict[int, list[dict]]]]:
@@ -444,22 +492,10 @@ class TorchDistSession:
         return torch.device("cpu")
 
     def step_rows(self, start_step: int):
-        import pyarrow.dataset as ds
-
-        # only this worker's rows leave the file; one thread keeps the plan order
-        scanner = ds.dataset(self.plan_path, format="parquet").scanner(
-            filter=(ds.field("rank") == self.rank) & (ds.field("step") >= start_step), batch_size=256,
-            use_threads=False)
-        batches = ({n: c.to_pylist() for n, c in zip(rb.schema.names, rb.columns)} for rb in scanner.to_batches())
-        return group_steps(batches, self.rank, start_step)
+        return plan_rows(self.plan_path, self.rank, start_step)
 
     def val_rows(self, batch_rows: int):
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(self.val_path)
-        for start in range(0, table.num_rows, batch_rows):
-            part = table.slice(start, batch_rows).to_pydict()
-            yield [{"input_ids": i, "labels": l} for i, l in zip(part["input_ids"], part["labels"])]
+        return validation_rows(self.val_path, batch_rows)
 
     @contextlib.contextmanager
     def last_checkpoint(self):

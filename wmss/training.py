@@ -22,7 +22,7 @@ from pathlib import Path
 from wmss.config import TrainingConfig, given_flags, stage_config, with_flags, yaml_value
 from wmss.errors import ConfigError, InputError, WmssError, no_space_left
 from wmss.plan import build_plan
-from wmss.train_loop import FINAL_MODEL_DIR, group_steps, plan_table, train_loop
+from wmss.train_loop import FINAL_MODEL_DIR, plan_rows, plan_table, train_loop, validation_rows, write_table
 
 
 def sft_heads(model) -> list[dict]:
@@ -43,17 +43,20 @@ class TrainJob:
     mlflow: dict | None = None
     val_every: int | None = None  # None: no "val" dataset; 0: validate at the end only
     localizer: dict | None = None  # wmss.storage.Localizer's fields: models of an object-store run directory
+    tables: dict | None = None  # "train" (the plan) and "val": where every worker reads them (path or URI)
 
 
 class RayTrainSession:
-    """`wmss.train_loop.WorkerSession` on a Ray Train worker: rows from the "train" dataset every worker
-    reads in plan order (keeping its own), checkpoints and metrics through `ray.train.report`."""
+    """`wmss.train_loop.WorkerSession` on a Ray Train worker: its own rows of the plan, streamed from the
+    stage's storage (a path every node sees, or the object-store URI), checkpoints and metrics through
+    `ray.train.report`."""
 
-    def __init__(self):
+    def __init__(self, tables: dict):
         import ray.train
 
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.tables = tables
 
     def device(self):
         import ray.train.torch
@@ -66,16 +69,10 @@ class RayTrainSession:
         return device
 
     def step_rows(self, start_step: int):
-        import ray.train
-
-        batches = ray.train.get_dataset_shard("train").iter_batches(batch_size=256, batch_format="numpy")
-        return group_steps(batches, self.rank, start_step)
+        return plan_rows(self.tables["train"], self.rank, start_step)
 
     def val_rows(self, batch_rows: int):
-        import ray.train
-
-        for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=batch_rows, batch_format="numpy"):
-            yield [{"input_ids": i, "labels": l} for i, l in zip(batch["input_ids"], batch["labels"])]
+        return validation_rows(self.tables["val"], batch_rows)
 
     @contextlib.contextmanager
     def last_checkpoint(self):
@@ -112,7 +109,7 @@ def ray_train_worker(job: dict) -> None:
     localizer = Localizer(**job["localizer"]) if job["localizer"] else None
     job = {**job, "tokenizer": localize(localizer, job["tokenizer"]),
            "heads": [{**h, "model": localize(localizer, h["model"])} for h in job["heads"]]}
-    train_loop(job, RayTrainSession())
+    train_loop(job, RayTrainSession(job["tables"]))
 
 
 def check_model_dir(path, flag: str) -> Path:
@@ -241,8 +238,7 @@ def train(heads: list[dict], *, name: str, data, out, options: TrainingConfig, a
                                      on_bad_record=on_bad_record, validation=validation, val_every=val_every,
                                      mlflow_info=mlflow_info, localizer=localizer)
 
-    import ray.data
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from wmss.raycluster import ensure_ray
@@ -257,6 +253,11 @@ def train(heads: list[dict], *, name: str, data, out, options: TrainingConfig, a
                     start_over=f"delete {checkpoints} or pass another --out"):
         print(f"[wmss] {name}: resuming from the latest checkpoint in {checkpoints} (settings and inputs match the "
               "checkpoints')", flush=True)
+    # the plan beside the checkpoints, where every worker reads its own rows: a local path every worker sees
+    # (one node, or a shared filesystem, as Ray Train's checkpoints need too), or the object-store URI
+    job.tables = {key: f"{storage}/{out.name}.plan/{key}.parquet" for key in tables}
+    for key, table in tables.items():
+        write_table(job.tables[key], table)
     ensure_ray(ray_address)
     # an object-store URI goes to Ray Train as (filesystem, path): fsspec-only protocols work too
     storage_fs, storage_in_fs = filesystem(storage) if is_uri(storage) else (None, storage)
@@ -271,14 +272,9 @@ def train(heads: list[dict], *, name: str, data, out, options: TrainingConfig, a
             name=f"{out.name}.checkpoints", storage_path=storage_in_fs, storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=options.keep_checkpoints),
             failure_config=FailureConfig(max_failures=options.max_failures), callbacks=callbacks),
-        datasets={n: ray.data.from_arrow(t) for n, t in tables.items()},
-        # every worker reads the whole (small: token ids only) plan-ordered table and keeps its own rows,
-        # so the data order is exactly the plan's and a resume continues at the next unseen sample
-        dataset_config=DataConfig(datasets_to_split=[],
-                                  execution_options=ray.data.ExecutionOptions(preserve_order=True)),
     )
     try:
-        result = trainer.fit()  # no Ray Data bars in the workers (wmss.raycluster): the step bar says enough
+        result = trainer.fit()
     except Exception as err:  # a full disk shows as a worker's error inside Ray's, a traceback deep
         if no_space_left(err) is None:
             raise
@@ -303,7 +299,6 @@ def train_plain(heads: list[dict], *, name: str, data, root, options: TrainingCo
     WORLD_SIZE=1, MASTER_ADDR, MASTER_PORT). Returns the kept model's folder (the last checkpoint's)."""
     import torch.distributed as dist
 
-    from wmss.io import write_parquet
     from wmss.train_loop import init_distributed, run_plain, shutdown_distributed
 
     root = Path(root)
@@ -312,7 +307,7 @@ def train_plain(heads: list[dict], *, name: str, data, root, options: TrainingCo
     try:
         if dist.get_rank() == 0:
             for key, table in tables.items():
-                write_parquet(root / f"{key}.parquet", table)
+                write_table(str(root / f"{key}.parquet"), table)
         dist.barrier()
         run_plain(asdict(job), root / "train.parquet", root / "checkpoints",
                   val_path=root / "val.parquet" if "val" in tables else None)
