@@ -1,9 +1,9 @@
 """`wmss tune` on the demo: pure parts (search space on the simplex, concurrency from resources), then a
 real 4-trial tune (local Ray, Optuna, ASHA, TorchTrainer + DeepSpeed, MLflow on SQLite) that is killed after
 its first finished trial and resumed: scoring runs once, finished trials are not redone, every trial is an
-MLflow run under the tune's parent run, and best-config.yaml loads as a config. The tune's run directory
-starts with the demo data, base model and Phase 1 of the session's shared demo run (conftest
-`demo_before_phase3`); scoring and the trials are the tune's own."""
+MLflow run under the tune's parent run, best-config.yaml loads as a config, and a rerun with other settings
+refuses to restore the tune. The tune's run directory starts with the demo data, base model and Phase 1 of
+the session's shared demo run (conftest `demo_before_phase3`); scoring and the trials are the tune's own."""
 
 from __future__ import annotations
 
@@ -90,12 +90,12 @@ def _finished_trials(experiment: Path) -> set[str]:
     return finished
 
 
-def _tune(run_dir: Path, log: Path, address: str) -> subprocess.Popen:
+def _tune(run_dir: Path, log: Path, address: str, *extra: str) -> subprocess.Popen:
     # the tests' one local Ray: a second Ray instance on the same machine breaks Ray Train's placement-group
     # cleaner, which then cannot free the workers of a trial that ASHA stopped (ray-project/ray#65443)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # MLflow in the run directory
     args = [sys.executable, "-m", "wmss.cli", "tune", "--run-dir", str(run_dir), "--set", *TINY,
-            f"ray.address={address}"]
+            f"ray.address={address}", *extra]
     return subprocess.Popen(args, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 
@@ -134,7 +134,7 @@ def test_tune_scores_once_logs_every_trial_and_resumes_after_a_kill(tmp_path, ra
     # entropy scoring (and Phase 1) ran once for the whole experiment, never per trial
     assert (first + second).count("r1.score: running") == 1
     assert "[wmss] r1.score: finished earlier, skipped" in second and "[wmss] sft: finished earlier, skipped" in second
-    assert "resuming" in second
+    assert "settings and inputs match the checkpoints'" in second
     finished = _finished_trials(experiment)
     assert len(finished) == 4 and done_before <= finished
     for trial, mtime in models_before.items():  # finished trials were not trained again
@@ -162,3 +162,9 @@ def test_tune_scores_once_logs_every_trial_and_resumes_after_a_kill(tmp_path, ra
     shown = subprocess.run([sys.executable, "-m", "wmss.cli", "config", "show", str(run_dir / BEST_CONFIG)],
                            cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert f"lam: {best.jtws.lam}" in shown
+
+    # Tuner.restore would keep the old search: a tune with other settings refuses, naming them
+    changed = _tune(run_dir, tmp_path / "changed.log", address, "tune.val_every=3", "ceda.seed=5")
+    assert changed.wait(timeout=300) == 2, (tmp_path / "changed.log").read_text()[-4000:]
+    refusal = (tmp_path / "changed.log").read_text()
+    assert "ceda.seed: 0 -> 5; tune.val_every: 2 -> 3" in refusal and f"delete {experiment}" in refusal

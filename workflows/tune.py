@@ -7,7 +7,8 @@ validation set: a Tune function trainable that builds and fits a TorchTrainer (T
 TuneReportCallback forwards every `val_loss` report to Tune, where ASHA stops the weak trials early and
 Optuna (seeded) proposes the next ones. Every trial is an MLflow run under the tune's parent run; the best
 trial becomes `best-config.yaml`, a complete config for `wmss run`. A killed tune resumes with
-`Tuner.restore` and keeps its finished trials.
+`Tuner.restore` and keeps its finished trials, when its settings and the shared stages' outputs are those it
+started with (wmss.resume); otherwise it refuses, naming the differences.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import time
 from pathlib import Path
 
 from wmss.config import ConfigError, WMSSConfig, add_config_source_arguments, dump_config
+from wmss.resume import guard_resume
 from wmss.storage import Localizer, RunStore
 from wmss.tuning import BEST_CONFIG, TRIALS_DIR, TUNE_DIR, apply_params, metric_plot, search_space, trial_concurrency
-from wmss.workflow import Artifact, open_workflow, run_location, train_options
+from wmss.workflow import Artifact, fingerprint, open_workflow, run_location, train_options
 from workflows.wmss_pipeline import DEMO, score_stage, shared_inputs
 
 
@@ -101,8 +103,16 @@ def run_tune(cfg: WMSSConfig, run_dir: str | os.PathLike) -> dict:
         root = wf.store.durable()
         storage_fs, storage = filesystem(root) if is_uri(root) else (None, root)
         experiment = f"{root}/{TUNE_DIR}"
-        if tune.Tuner.can_restore(experiment):
-            print(f"[wmss] tune: resuming {experiment} (finished trials are kept)", flush=True)
+        # Tuner.restore keeps the saved search and trials whatever the config says now: it may only continue
+        # a tune of these settings and these shared stages' outputs
+        settings = {"tune": t.model_dump(), "jtws": cfg.jtws.model_dump(), "ceda": cfg.ceda.model_dump(),
+                    "max_length": cfg.max_length, "on_bad_record": cfg.data.on_bad_record}
+        inputs = {name: a.hash for name, a in used.items()}
+        inputs["validation data"] = fingerprint(t.val_data) if t.val_data else shared["heldout"].hash
+        if guard_resume(experiment, settings, inputs, has_state=tune.Tuner.can_restore(experiment), what="tune",
+                        start_over=f"delete {experiment} or pass another --run-dir"):
+            print(f"[wmss] tune: resuming {experiment} (finished trials are kept; settings and inputs match the "
+                  "checkpoints')", flush=True)
             tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
                                        resume_errored=True, storage_filesystem=storage_fs)
         else:
