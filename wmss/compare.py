@@ -102,7 +102,7 @@ def mlflow_links(server: str, runs: list[Run], experiments: dict[str, str]) -> l
 def compare_report(tracking_uri: str, runs: list[Run]) -> str:
     """The text `wmss compare` prints for `runs` of one store: a table per run, then where to compare them in
     MLflow's UI (the address itself for an http(s) server, else the `mlflow server` command to start one)."""
-    from workflows.wmss_pipeline import format_results  # the table `wmss run` prints: one format for both
+    from wmss.tracking import format_results  # the table `wmss run` prints: one format for both
 
     client = MlflowClient(tracking_uri=tracking_uri)
     experiments = {e: client.get_experiment(e).name for e in sorted({r.info.experiment_id for r in runs})}

@@ -392,6 +392,22 @@ def weight_histogram(weights) -> Figure:
     return fig
 
 
+def format_results(results: dict) -> str:
+    """methods x benchmarks accuracy table, with the delta of each method vs SFT where SFT was run."""
+    benches = sorted({b for r in results.values() for b in r})
+    head = f"{'method':<10}" + "".join(f"{b:>14}" for b in benches)
+    lines = [head, "-" * len(head)]
+    for method, accs in results.items():
+        cells = []
+        for b in benches:
+            acc = accs.get(b)
+            ref = results.get("sft", {}).get(b)
+            delta = f" ({100 * (acc - ref):+.1f})" if acc is not None and ref is not None and method != "sft" else ""
+            cells.append(f"{'-' if acc is None else f'{100 * acc:.1f}'}{delta}".rjust(14))
+        lines.append(f"{method:<10}" + "".join(cells))
+    return "\n".join(lines)
+
+
 def results_figure(results: Mapping[str, Mapping[str, float | None]]) -> Figure:
     """Grouped bars of accuracy (%) per benchmark, one bar per method ({method: {benchmark: accuracy}})."""
     benches = sorted({b for accs in results.values() for b in accs})

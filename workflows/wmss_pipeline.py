@@ -234,7 +234,7 @@ def run_workflow(cfg: WMSSConfig, run_dir: str | os.PathLike) -> dict:
     except BaseException:
         tracker.finish("FAILED")
         raise
-    from wmss.tracking import results_figure
+    from wmss.tracking import format_results, results_figure
 
     wf.write_text("results.txt", format_results(results) + "\n")
     wf.write_text("results.json", json.dumps(results, indent=2, sort_keys=True) + "\n")
@@ -245,22 +245,6 @@ def run_workflow(cfg: WMSSConfig, run_dir: str | os.PathLike) -> dict:
     tracker.log_figure(results_figure(results), "results")
     tracker.finish()
     return results
-
-
-def format_results(results: dict) -> str:
-    """methods x benchmarks accuracy table, with the delta of each method vs SFT where SFT was run."""
-    benches = sorted({b for r in results.values() for b in r})
-    head = f"{'method':<10}" + "".join(f"{b:>14}" for b in benches)
-    lines = [head, "-" * len(head)]
-    for method, accs in results.items():
-        cells = []
-        for b in benches:
-            acc = accs.get(b)
-            ref = results.get("sft", {}).get(b)
-            delta = f" ({100 * (acc - ref):+.1f})" if acc is not None and ref is not None and method != "sft" else ""
-            cells.append(f"{'-' if acc is None else f'{100 * acc:.1f}'}{delta}".rjust(14))
-        lines.append(f"{method:<10}" + "".join(cells))
-    return "\n".join(lines)
 
 
 def add_run_arguments(parser) -> None:
@@ -281,6 +265,8 @@ def run_cli(args) -> int:
         check_fits(cfg)
     target = run_location(cfg, args.run_dir)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from wmss.tracking import format_results
+
     start = time.time()
     results = run_workflow(cfg, target)
     print(f"\n[wmss] results (accuracy %, delta vs sft) — run dir {target}, {time.time() - start:.0f} s")
