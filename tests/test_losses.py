@@ -4,9 +4,12 @@ import pytest
 import torch
 
 from wmss.losses import (
+    IGNORE_INDEX,
     entropy_bounds_from_topk,
+    label_smoothing_term,
     linear_cross_entropy,
     mixed_cross_entropy,
+    mixture_cross_entropy,
     mixing_diagnostics,
     naive_mixed_cross_entropy,
     neftune_noise,
@@ -178,3 +181,31 @@ def test_neftune_and_undial_scales():
     noise = undial_target_noise(labels, torch.full((10000,), 16), 1.0, generator=g)
     assert float(noise[1::2].abs().max()) == 0.0
     assert abs(float(noise[::2].std()) - 0.25) < 0.02
+
+
+@pytest.mark.parametrize("n_heads", [1, 2])
+def test_label_smoothing_term_matches_torch_label_smoothing(n_heads):
+    """The label-smoothing control's loss, CE of the mix + label_smoothing_term, equals PyTorch's
+    label-smoothed cross-entropy of the full mixed logits (values and every gradient), on random inputs with
+    ignored rows."""
+    gen = torch.Generator().manual_seed(n_heads)
+    n, dim, vocab, eps = 40, 16, 97, 0.15
+    coefs = [0.3, 0.7][:n_heads] if n_heads == 2 else [1.0]
+    tensors = [(torch.randn(n, dim, generator=gen, dtype=torch.float64, requires_grad=True),
+                (torch.randn(vocab, dim, generator=gen, dtype=torch.float64) / 4).requires_grad_())
+               for _ in coefs]
+    labels = torch.randint(0, vocab, (n,), generator=gen)
+    labels[::5] = IGNORE_INDEX
+    heads = [(c, h, w) for c, (h, w) in zip(coefs, tensors)]
+    got = mixture_cross_entropy(heads, labels, reduction="sum") + label_smoothing_term(heads, labels, eps)
+    logits = sum(c * h @ w.t() for c, h, w in heads)
+    want = torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum",
+                                             label_smoothing=eps)
+    leaves = [t for pair in tensors for t in pair]
+    got_grads = torch.autograd.grad(got, leaves)
+    want_grads = torch.autograd.grad(want, leaves)
+    # the cross-entropy part runs in float32 (the training dtype's floor); the smoothing term in float64 here
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert float(label_smoothing_term(heads, labels, eps)) != 0.0

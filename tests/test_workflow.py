@@ -139,27 +139,50 @@ def test_invalid_config_fails_before_ray(tmp_path):
     assert "Ray" not in done.stderr and not (tmp_path / "r").exists()
 
 
-def test_comparison_workflow_adds_baselines_and_ablations(finished_run):
-    """The comparison workflow at reduced size: the finished run plus NEFTune, UNDIAL and both ablations;
-    only the new stages run, and the table and plot cover every method."""
+def test_comparison_workflow_adds_baselines_ablations_and_controls(finished_run):
+    """The comparison workflow at reduced size: the finished run plus NEFTune, UNDIAL, both ablations and the
+    three controls; only the new stages run, label smoothing's eps comes from the JTWS stage's first step,
+    the uniform-weak control trains the strong model alone and random-weak a fresh weak model, and the
+    table and plot cover every method."""
     from mlflow import MlflowClient
 
-    methods = "baselines.methods=[sft,neftune,undial,ceda-only,jtws-only]"
+    from wmss.tracking import metric_history
+
+    new = ["neftune", "undial", "ceda-only", "jtws-only", "uniform-weak", "random-weak", "label-smoothing"]
+    methods = f"baselines.methods=[sft,{','.join(new)}]"
     cmd = finished_run["cmd"] + ["ceda.seed=1", methods]  # ceda.seed as the previous test left the run
-    done = subprocess.run(cmd, env=finished_run["env"], capture_output=True, text=True, timeout=1200)
+    done = subprocess.run(cmd, env=finished_run["env"], capture_output=True, text=True, timeout=1500)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-3000:]
     for stage in ("sft", "r1.select", "baseline.sft", "eval.sft"):
         assert f"[wmss] {stage}: finished earlier, skipped" in out
-    for method in ("neftune", "undial", "ceda-only", "jtws-only"):
+    for method in new:
         assert f"[wmss] baseline.{method}: running" in out and f"[wmss] eval.{method}: running" in out
+    assert "[wmss] random-weak.init: running" in out
     run_dir = finished_run["run_dir"]
     table = (run_dir / "results.txt").read_text()
-    for method in ("sft", "neftune", "undial", "ceda-only", "jtws-only", "wmss"):
+    for method in ("sft", *new, "wmss"):
         assert method in table
-    parent = json.loads((run_dir / "manifest.json").read_text())["mlflow_parent_run_id"]
+    stages = _stages(run_dir)
     client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    parent = json.loads((run_dir / "manifest.json").read_text())["mlflow_parent_run_id"]
     assert "plots/results.png" in {a.path for a in client.list_artifacts(parent, "plots")}
+
+    # label smoothing's eps: what the mix added to the kept model's non-target mass at r1.jtws's first step
+    history = metric_history(f"sqlite:///{run_dir / 'mlflow.db'}", stages["r1.jtws"]["mlflow_run_id"])
+    eps = history["nontarget_mass_mix"][0][1] - history["nontarget_mass_strong"][0][1]
+    assert stages["baseline.label-smoothing"]["settings"]["training"]["label_smoothing"] == pytest.approx(max(eps, 1e-6))
+    assert f"eps = {max(eps, 1e-6):.4g}" in out
+    # the controls train on round 1's active set with JTWS's settings; uniform-weak mixes the strong model alone
+    for method in ("uniform-weak", "random-weak"):
+        entry = stages[f"baseline.{method}"]
+        assert entry["inputs"]["active"] == stages["r1.select"]["hash"] and entry["settings"]["method"] == method
+    assert stages["baseline.random-weak"]["inputs"]["weak"] == stages["random-weak.init"]["hash"]
+    uniform = json.loads((run_dir / "stages" / "baseline.uniform-weak" / "model" / "training.json").read_text())
+    random_weak = json.loads((run_dir / "stages" / "baseline.random-weak" / "model" / "training.json").read_text())
+    jtws = json.loads((run_dir / "stages" / "r1.jtws" / "model" / "training.json").read_text())
+    params = jtws["metrics"]["trainable_params"]
+    assert uniform["metrics"]["trainable_params"] < params == random_weak["metrics"]["trainable_params"]
 
 
 def test_given_models_and_data_need_no_earlier_stage(tmp_path, tiny_model_dir, demo_rows, ray_local):

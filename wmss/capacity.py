@@ -37,7 +37,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from wmss.config import TrainingConfig, WMSSConfig, add_config_source_arguments, load_config
+from wmss.config import (ACTIVE_SET_BASELINES, MIX_BASELINES, TrainingConfig, WMSSConfig, add_config_source_arguments,
+                         load_config)
 from wmss.errors import ConfigError
 
 GIB = 1 << 30
@@ -445,13 +446,14 @@ def plan_config(cfg: WMSSConfig, a: Assumptions = Assumptions()) -> dict[str, St
         stages[f"r{k}.jtws"] = _training_stage(f"r{k}.jtws", cfg, jtws_opts, jtws_heads, active, mean_tokens, a)
     for method in cfg.baselines.methods:
         name = f"baseline.{method}"
-        if method == "jtws-only":
-            stages[name] = _training_stage(name, cfg, jtws_opts, jtws_heads, samples, mean_tokens, a)
+        rows = active if method in ACTIVE_SET_BASELINES else samples
+        if method in MIX_BASELINES:
+            heads = [(strong, True)] if method == "uniform-weak" else jtws_heads
+            stages[name] = _training_stage(name, cfg, jtws_opts, heads, rows, mean_tokens, a)
         else:
-            noise = {"neftune": {"neftune_alpha": cfg.baselines.neftune_alpha},
-                     "undial": {"undial_sigma": cfg.baselines.undial_sigma}}.get(method, {})
-            stages[name] = _training_stage(name, cfg, cfg.sft.model_copy(update=noise), [(strong, True)],
-                                           active if method == "ceda-only" else samples, mean_tokens, a)
+            update = cfg.baselines.training_update(method)
+            stages[name] = _training_stage(name, cfg, cfg.sft.model_copy(update=update), [(strong, True)], rows,
+                                           mean_tokens, a)
     # evaluation runs on whatever the cluster has: GPUs when the training stages use them
     gpu_stages = [p for p in stages.values() if p.device == "gpu"]
     gpus = a.gpus or max((p.gpus for p in gpu_stages), default=1)

@@ -104,6 +104,7 @@ class TrainingConfig(_Strict):
     seed: int = 0
     neftune_alpha: float | None = Field(None, gt=0, description="NEFTune noise scale (SFT baselines)")
     undial_sigma: float | None = Field(None, gt=0, description="UNDIAL target-logit noise (SFT baselines)")
+    label_smoothing: float | None = Field(None, gt=0, lt=1, description="label smoothing eps (the label-smoothing control)")
     gradient_checkpointing: bool | None = Field(
         None, description="activation checkpointing (non-reentrant) of every trained model; default: on with GPUs")
     loss_filter_eps: float | Literal["auto", "high"] | None = Field(
@@ -223,19 +224,34 @@ class JTWSStageConfig(JTWSConfig):
     training: TrainingConfig = TrainingConfig()
 
 
-Baseline = Literal["sft", "neftune", "undial", "ceda-only", "jtws-only"]
+Baseline = Literal["sft", "neftune", "undial", "ceda-only", "jtws-only", "uniform-weak", "random-weak",
+                   "label-smoothing"]
+MIX_BASELINES = ("jtws-only", "uniform-weak", "random-weak")  # trained on mixed logits, with JTWS's settings
+ACTIVE_SET_BASELINES = ("ceda-only", "uniform-weak", "random-weak")  # trained on round 1's active set
 # what `eval.methods` may name: the base model, Phase 1's strong model, the WMSS result, and the baselines
 EVAL_METHODS = ("base", "strong", "wmss", *get_args(Baseline))
 
 
 class BaselinesConfig(_Strict):
     """Equal-budget baselines, each one more epoch from the Phase-1 strong model: `sft` (plain), `neftune`,
-    `undial`, and the ablations `ceda-only` (SFT on round 1's active set) and `jtws-only` (joint training on
-    all the data)."""
+    `undial`, the ablations `ceda-only` (SFT on round 1's active set) and `jtws-only` (joint training on
+    all the data), and the controls, each JTWS's budget: `uniform-weak` (JTWS on round 1's active set with
+    the weak logits replaced by zeros: the strong model alone at temperature 1/lam), `random-weak` (JTWS
+    on it with a randomly initialised weak model of the same shape) and `label-smoothing` (SFT with label
+    smoothing eps)."""
 
     methods: list[Baseline] = ["sft"]
     neftune_alpha: float = Field(5.0, gt=0)
     undial_sigma: float = Field(1.0, gt=0)
+    label_smoothing: float | None = Field(
+        None, gt=0, lt=1, description="eps of the label-smoothing control; default: the mean non-target mass "
+                                      "the mix adds at the start of round 1's JTWS (its first step's diagnostics)")
+
+    def training_update(self, method: str) -> dict:
+        """What a one-model baseline changes in the SFT settings (label smoothing's default eps is only known
+        once JTWS ran: the workflow fills it in)."""
+        return {"neftune": {"neftune_alpha": self.neftune_alpha}, "undial": {"undial_sigma": self.undial_sigma},
+                "label-smoothing": {"label_smoothing": self.label_smoothing}}.get(method, {})
 
 
 class EvalConfig(_Strict):

@@ -206,6 +206,22 @@ def mixture_cross_entropy(heads, labels, *, ignore_index: int = IGNORE_INDEX, re
     return _reduce(losses, labels, ignore_index, reduction)
 
 
+def label_smoothing_term(heads, labels, eps: float, *, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """What label smoothing adds to the cross-entropy of the mixed logits, summed over the supervised rows:
+    with PyTorch's definition, (1 - eps) * CE + eps * mean_v(-log p_v) = CE + eps * (z_y - mean_v z_v), and
+    both logits are linear in the hidden states (mean_v z_v = h . mean_v W_v), so no logits are built."""
+    valid = labels != ignore_index
+    target = labels.clamp(min=0)
+    term = 0.0
+    for coef, hidden, weight in heads:
+        dtype = torch.promote_types(hidden.dtype, torch.float32)  # 16-bit weights: the sums in fp32
+        h, w = hidden.to(dtype), weight.to(dtype)
+        z_y = (h * w[target]).sum(dim=1)
+        z_mean = h @ w.mean(dim=0)
+        term = term + float(coef) * (z_y - z_mean)
+    return eps * (term * valid).sum()
+
+
 def linear_cross_entropy(hidden, weight, labels, *, ignore_index: int = IGNORE_INDEX, reduction: str = "mean",
                          target_offset: torch.Tensor | None = None, chunk_rows: int | None = None,
                          filter_eps: float | str | None = None):

@@ -3,7 +3,7 @@ DeepSpeed wraps.
 
 The loss is the cross-entropy of the mixed logits `z = sum_k w_k * z_k` on the supervised tokens. SFT is
 one head (w = 1); JTWS is two (weak 1 - lam, strong lam); a third model in the mix is one more head. NEFTune
-and UNDIAL are noise options of a one-head objective. The LAST head is the model that is kept (and the one
+and UNDIAL are noise options of a one-head objective; label smoothing (eps) applies to any mix. The LAST head is the model that is kept (and the one
 validation scores). The output-layer weights are used inside this module's forward, so ZeRO-3 gathers them
 there (they are registered as external parameters)."""
 
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from wmss.losses import mixture_cross_entropy, mixture_diagnostics, neftune_noise, predicting_rows, undial_target_noise
+from wmss.losses import (label_smoothing_term, mixture_cross_entropy, mixture_diagnostics, neftune_noise, predicting_rows,
+                         undial_target_noise)
 from wmss.models import final_hidden, output_weight
 
 
@@ -20,7 +21,8 @@ class MixObjective(torch.nn.Module):
     optimizer state, forward without autograd). `filter_eps` is passed to the fused loss (None: exact)."""
 
     def __init__(self, models, weights, *, trainable=None, neftune_alpha: float | None = None,
-                 undial_sigma: float | None = None, zero3: bool = False, filter_eps: float | str | None = None):
+                 undial_sigma: float | None = None, label_smoothing: float | None = None, zero3: bool = False,
+                 filter_eps: float | str | None = None):
         super().__init__()
         if len(models) != len(weights) or not models:
             raise ValueError(f"MixObjective: {len(models)} model(s) but {len(weights)} weight(s)")
@@ -38,6 +40,7 @@ class MixObjective(torch.nn.Module):
         self.weights = [float(w) for w in weights]
         self.trainable = trainable
         self.neftune_alpha, self.undial_sigma, self.filter_eps = neftune_alpha, undial_sigma, filter_eps
+        self.label_smoothing = label_smoothing
         for model, train in zip(models, trainable):
             if not train:
                 model.requires_grad_(False)
@@ -78,6 +81,8 @@ class MixObjective(torch.nn.Module):
             lengths = attention_mask.sum(dim=1, keepdim=True).expand_as(rows_mask)[rows_mask]
             offset = undial_target_noise(targets, lengths, self.undial_sigma, generator=generator)
         loss = mixture_cross_entropy(heads, targets, reduction="sum", target_offset=offset, filter_eps=self.filter_eps)
+        if self.label_smoothing and self.training and not kept_only:
+            loss = loss + label_smoothing_term(heads, targets, self.label_smoothing)
         stats = {}
         if diagnose:
             stats = mixture_diagnostics([(c, h.detach(), w.detach()) for c, h, w in heads], targets)

@@ -395,7 +395,8 @@ def weight_histogram(weights) -> Figure:
 def format_results(results: dict) -> str:
     """methods x benchmarks accuracy table, with the delta of each method vs SFT where SFT was run."""
     benches = sorted({b for r in results.values() for b in r})
-    head = f"{'method':<10}" + "".join(f"{b:>14}" for b in benches)
+    width = max([10, *(len(m) + 2 for m in results)])
+    head = f"{'method':<{width}}" + "".join(f"{b:>14}" for b in benches)
     lines = [head, "-" * len(head)]
     for method, accs in results.items():
         cells = []
@@ -404,7 +405,7 @@ def format_results(results: dict) -> str:
             ref = results.get("sft", {}).get(b)
             delta = f" ({100 * (acc - ref):+.1f})" if acc is not None and ref is not None and method != "sft" else ""
             cells.append(f"{'-' if acc is None else f'{100 * acc:.1f}'}{delta}".rjust(14))
-        lines.append(f"{method:<10}" + "".join(cells))
+        lines.append(f"{method:<{width}}" + "".join(cells))
     return "\n".join(lines)
 
 

@@ -204,6 +204,7 @@ def train_loop(job: dict, session: WorkerSession) -> None:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     module = MixObjective(models, [h["weight"] for h in heads], trainable=[h["trainable"] for h in heads],
                           neftune_alpha=opts.neftune_alpha, undial_sigma=opts.undial_sigma,
+                          label_smoothing=opts.label_smoothing,
                           zero3=opts.zero == 3, filter_eps=opts.loss_filter_eps)
     # what carries optimizer state (a frozen model carries none)
     trainable = sum(_numel(p) for p in module.parameters() if p.requires_grad)

@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from wmss.config import WMSSConfig, add_config_source_arguments
+from wmss.config import ACTIVE_SET_BASELINES, MIX_BASELINES, WMSSConfig, add_config_source_arguments
 from wmss.workflow import Artifact, StageContext, Workflow, open_workflow, run_location, train_options
 
 DEMO = "demo"
@@ -111,16 +111,48 @@ def _select(cfg: WMSSConfig, scores: Artifact, stage: StageContext) -> dict:
 
 
 def _jtws(cfg: WMSSConfig, data: Artifact, weak: Artifact, strong: Artifact, active: Artifact | None,
-          stage: StageContext, name: str = "jtws") -> dict:
+          stage: StageContext, name: str = "jtws", method: str = "jtws") -> dict:
     from wmss.training import load_active_set, train
 
     j = cfg.jtws
-    out = train(j.heads(weak.path, strong.path), name=name, data=data.path, out=stage.dir / "model",
+    if method == "uniform-weak":  # the weak logits replaced by zeros: the strong model alone, z = lam * z_strong
+        heads = [{"model": str(strong.path), "weight": j.lam, "trainable": True}]
+    else:
+        heads = j.heads(weak.path, strong.path)
+    out = train(heads, name=name, data=data.path, out=stage.dir / "model",
                 options=train_options(cfg, j.training), active=load_active_set(active.path) if active else None,
                 storage_path=stage.storage,
                 localizer=stage.localizer, mlflow_info=stage.run.worker_info(), on_bad_record=cfg.data.on_bad_record)
     _log_curves(stage.run)
     return {"model": str(out)}
+
+
+def _random_like(cfg: WMSSConfig, weak: Artifact, stage: StageContext) -> dict:
+    """The random-weak control's weak model: the weak model's architecture and tokenizer, freshly initialised
+    (seeded by the run's `seed`), in the weak model's saved dtype."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from wmss.models import load_tokenizer, save_model
+
+    config = AutoConfig.from_pretrained(weak.path)
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+    return {"model": str(save_model(model, load_tokenizer(weak.path), stage.dir / "model"))}
+
+
+def _mix_added_nontarget_mass(wf: Workflow, stage: str) -> float:
+    """The label-smoothing control's default eps: the mean non-target mass the mix adds over the kept model
+    alone at the first step of JTWS stage `stage` (its logged diagnostics)."""
+    from wmss.errors import WmssError
+    from wmss.tracking import metric_history
+
+    history = metric_history(wf.tracker.tracking_uri, wf.manifest.stage(stage)["mlflow_run_id"])
+    mix, kept = history.get("nontarget_mass_mix"), history.get("nontarget_mass_strong")
+    if not mix or not kept:
+        raise WmssError(f"label-smoothing: {stage} logged no non-target mass diagnostics to take eps from; set "
+                        "baselines.label_smoothing")
+    return max(mix[0][1] - kept[0][1], 1e-6)
 
 
 def _evaluate(cfg: WMSSConfig, model: Artifact, heldout: Artifact | None, stage: StageContext) -> dict:
@@ -195,19 +227,29 @@ def _run_stages(cfg: WMSSConfig, wf: Workflow) -> dict:
 
     # equal-budget baselines: one more epoch from M_strong (and the two ablations); their training logs
     # name the stage, not Phase 1 or Phase 3
+    # and the controls on JTWS's budget (wmss.config.BaselinesConfig)
     b = cfg.baselines
     for method in b.methods:
         name, inputs = f"baseline.{method}", {"data": data, "strong": strong}
-        if method == "jtws-only":  # joint training on all the data, no curriculum
+        active = chosen_rounds[0] if method in ACTIVE_SET_BASELINES else None  # round 1's active set
+        if active:
+            inputs["active"] = active
+        if method in MIX_BASELINES:  # joint training with JTWS's settings
+            mix_weak = weak
+            if method == "random-weak":
+                mix_weak = wf.stage("random-weak.init", {"seed": cfg.seed}, {"weak": weak},
+                                    lambda s: _random_like(cfg, weak, s)).artifact("model")
             done = wf.stage(name, {"jtws": cfg.jtws.model_dump(), "max_length": cfg.max_length,
-                                   "on_bad_record": cfg.data.on_bad_record},
-                            {**inputs, "weak": weak}, lambda s, name=name: _jtws(cfg, data, weak, strong, None, s, name))
+                                   "on_bad_record": cfg.data.on_bad_record, "method": method},
+                            {**inputs, "weak": mix_weak},
+                            lambda s, w=mix_weak, a=active, n=name, m=method: _jtws(cfg, data, w, strong, a, s, n, m))
         else:
-            noise = {"neftune": {"neftune_alpha": b.neftune_alpha}, "undial": {"undial_sigma": b.undial_sigma}}.get(method, {})
-            opts = train_options(cfg, cfg.sft, **noise)
-            active = chosen_rounds[0] if method == "ceda-only" else None  # SFT on the first active set
-            if active:
-                inputs["active"] = active
+            update = b.training_update(method)
+            if update.get("label_smoothing", 0) is None:
+                update["label_smoothing"] = _mix_added_nontarget_mass(wf, "r1.jtws")
+                print(f"[wmss] {name}: eps = {update['label_smoothing']:.4g}, the non-target mass the mix added at "
+                      "the first step of r1.jtws", flush=True)
+            opts = train_options(cfg, cfg.sft, **update)
             done = wf.stage(name, {"training": opts.model_dump(), "on_bad_record": cfg.data.on_bad_record}, inputs,
                             lambda s, opts=opts, active=active, name=name: _sft(cfg, data, strong, opts, s, active, name))
         models[method] = done.artifact("model")
