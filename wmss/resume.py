@@ -16,7 +16,7 @@ import os
 
 from wmss.errors import ConfigError
 from wmss.storage import filesystem, is_uri
-from wmss.workflow import _changed_keys
+from wmss.workflow import changed_keys
 
 RECORD = "wmss-resume.json"  # in the checkpoint folder, so deleting that folder starts over cleanly
 
@@ -53,7 +53,7 @@ def differences(old: dict, new: dict) -> list[str]:
     """What differs between two records ({"settings": ..., "inputs": {name: fingerprint}}), one phrase each:
     "training.lr: 0.0001 -> 0.0002", "input data changed"."""
     old_inputs, new_inputs = old.get("inputs", {}), new["inputs"]
-    return _changed_keys(old.get("settings", {}), new["settings"]) + [
+    return changed_keys(old.get("settings", {}), new["settings"]) + [
         f"input {k} changed" for k in sorted(set(old_inputs) | set(new_inputs)) if old_inputs.get(k) != new_inputs.get(k)]
 
 

@@ -134,12 +134,13 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """`key: old -> new` for every (nested, dotted) key whose value differs between two settings dicts."""
     keys = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
-            keys += _changed_keys(a, b, f"{prefix}{k}.")
+            keys += changed_keys(a, b, f"{prefix}{k}.")
         elif a != b:
             keys.append(f"{prefix}{k}: {a!r} -> {b!r}")
     return keys
@@ -281,7 +282,7 @@ class Workflow:
             earlier = unfinished.get("wall_s", 0.0)
         else:
             if old:
-                why = _changed_keys(old.get("settings", {}), settings) + [
+                why = changed_keys(old.get("settings", {}), settings) + [
                     f"input {k} changed" for k in sorted(set(hashes) | set(old.get("inputs", {})))
                     if hashes.get(k) != old.get("inputs", {}).get(k)]
                 print(f"[wmss] {name}: re-running because " + "; ".join(why or ["its inputs changed"]), flush=True)
