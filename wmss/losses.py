@@ -214,10 +214,12 @@ def label_smoothing_term(heads, labels, eps: float, *, ignore_index: int = IGNOR
     target = labels.clamp(min=0)
     term = 0.0
     for coef, hidden, weight in heads:
-        dtype = torch.promote_types(hidden.dtype, torch.float32)  # 16-bit weights: the sums in fp32
-        h, w = hidden.to(dtype), weight.to(dtype)
-        z_y = (h * w[target]).sum(dim=1)
-        z_mean = h @ w.mean(dim=0)
+        # the sums in fp32 (16-bit weights), without an fp32 copy of the (V, D) output layer: only the target
+        # rows are gathered, and the mean over the vocabulary accumulates in fp32
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        h = hidden.to(dtype)
+        z_y = (h * weight[target].to(dtype)).sum(dim=1)
+        z_mean = h @ weight.mean(dim=0, dtype=dtype)
         term = term + float(coef) * (z_y - z_mean)
     return eps * (term * valid).sum()
 

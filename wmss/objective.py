@@ -3,8 +3,8 @@ DeepSpeed wraps.
 
 The loss is the cross-entropy of the mixed logits `z = sum_k w_k * z_k` on the supervised tokens. SFT is
 one head (w = 1); JTWS is two (weak 1 - lam, strong lam); a third model in the mix is one more head. NEFTune
-and UNDIAL are noise options of a one-head objective; label smoothing (eps) applies to any mix. The LAST head is the model that is kept (and the one
-validation scores). The output-layer weights are used inside this module's forward, so ZeRO-3 gathers them
+and UNDIAL are noise options of a one-head objective; label smoothing (eps) applies to any mix. The LAST
+head is the model that is kept (and the one validation scores). The output-layer weights are used inside this module's forward, so ZeRO-3 gathers them
 there (they are registered as external parameters)."""
 
 from __future__ import annotations
