@@ -1,22 +1,24 @@
 """Benchmarks, generation and `wmss eval`: pass@k against its definition, batched HF generation against a
-plain greedy loop, benchmark layouts and their errors, and `wmss eval` of the tiny model on 20 problems of
-two benchmarks with both backends (the vLLM run must reproduce the HF responses)."""
+plain greedy loop, the batched gold-solution NLL against a one-problem-at-a-time cross-entropy, benchmark
+layouts and their errors, and `wmss eval` of the tiny model on 20 problems of two benchmarks with both
+backends (the vLLM run must reproduce the HF responses) and on extra rows with gold solutions (their NLL)."""
 
 import json
 import math
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import SHARED_EVAL
 
-from wmss.data import BadRecordError, format_example
+from wmss.data import IGNORE_INDEX, BadRecordError, format_example
 from wmss.evaluation.benchmarks import (BENCHMARKS, SYSTEM_PROMPTS, load_benchmark, problem_record,
                                         problems_from_rows)
 from wmss.evaluation.generation import finish_response, generate_hf
 from wmss.evaluation.grading import grade
-from wmss.evaluation.harness import pass_at_k, summarize
+from wmss.evaluation.harness import gold_nll, pass_at_k, summarize
 
 N_PROBLEMS, MAX_NEW = 20, 16
 
@@ -122,6 +124,39 @@ def test_sampled_generation_is_seeded(tiny_model):
     first, again, other = (generate_hf(model, prompts, seed=s, **kwargs) for s in (1, 1, 2))
     assert first == again
     assert first != other
+
+
+# ---------------------------------------------------------------------------------------------- gold NLL
+
+
+def _nll_reference(model, tokenizer, records) -> tuple[float, int]:
+    """(total NLL, supervised tokens) one record at a time: full logits, no padding, plain cross-entropy."""
+    total, n_tokens = 0.0, 0
+    with torch.no_grad():
+        for record in records:
+            example = format_example(record, tokenizer)
+            logits = model(torch.tensor([example.input_ids])).logits[0].float()
+            labels = torch.tensor(example.labels)
+            assert labels[-2] == tokenizer.convert_tokens_to_ids("<|im_end|>")  # the end of turn is supervised
+            total += float(torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=IGNORE_INDEX,
+                                                             reduction="sum"))
+            n_tokens += int((labels != IGNORE_INDEX).sum())
+    return total, n_tokens
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_batched_gold_nll_matches_one_problem_at_a_time(tiny_model, batch_size):
+    _path, model, tokenizer = tiny_model
+    rng = random.Random(batch_size)
+    words = "apples pears Tom Mia has buys gives away so the final answer is".split()
+    problems = [problems_from_rows([(f"row {i}", {"question": " ".join(rng.choices(words, k=rng.randint(2, 30))),
+                                                  "answer": "1"})], "test", "synthetic")[0] for i in range(7)]
+    records = [replace(problem_record("synthetic", p), completion=" ".join(rng.choices(words, k=rng.randint(1, 40))))
+               for p in problems]
+    result = gold_nll(model, tokenizer, records, batch_size=batch_size)
+    total, n_tokens = _nll_reference(model, tokenizer, records)
+    assert result["nll_tokens"] == n_tokens
+    assert result["nll"] == pytest.approx(total / n_tokens, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- benchmarks
@@ -280,3 +315,31 @@ def test_wmss_eval_vllm_reproduces_hf_in_a_workflow_stage_run(hf_eval, tiny_mode
         same = sum(v["response"] == h["response"] for v, h in zip(vllm_predictions, hf_predictions))
         # Both decode greedily in float32; a near-tie in the random model's logits may flip a token.
         assert same >= 0.9 * N_PROBLEMS, f"{name}: only {same} of {N_PROBLEMS} responses agree"
+
+
+@pytest.mark.ray
+def test_evaluate_reports_the_gold_solutions_nll(tiny_model, ray_local, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from wmss.evaluation import evaluate
+
+    path, model, tokenizer = tiny_model
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    rows = [{"id": f"p{i}", "question": f"Tom has {i} apples and buys 2. How many now?",
+             "solution": f"Tom starts with {i} apples.\nHe buys 2: {i} + 2 = {i + 2}.\n"
+                         f"The final answer is \\boxed{{{i + 2}}}", "answer": str(i + 2)} for i in range(5)]
+    unsolved = [{"id": r["id"], "question": r["question"], "answer": r["answer"]} for r in rows]
+    summaries = evaluate(path, [], tmp_path, max_new_tokens=4,
+                         extra_benchmarks={"synthetic": rows, "unsolved": unsolved})
+    records = [replace(problem_record("synthetic", p), completion=r["solution"])
+               for p, r in zip(problems_from_rows(enumerate(rows), "rows", "synthetic"), rows)]
+    total, n_tokens = _nll_reference(model, tokenizer, records)
+    assert summaries["synthetic"]["nll_tokens"] == n_tokens
+    assert summaries["synthetic"]["nll"] == pytest.approx(total / n_tokens, rel=1e-5)
+    assert "nll" not in summaries["unsolved"] and "nll_tokens" not in summaries["unsolved"]
+    written = json.loads((tmp_path / "summary.json").read_text())["benchmarks"]
+    assert written["synthetic"]["nll"] == summaries["synthetic"]["nll"]
+    assert written["synthetic"]["nll_tokens"] == n_tokens
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run, = client.search_runs([client.get_experiment_by_name("wmss eval").experiment_id])
+    assert run.data.metrics["eval/synthetic/nll"] == summaries["synthetic"]["nll"]

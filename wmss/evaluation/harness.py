@@ -1,5 +1,6 @@
 """`evaluate`: prompts for every problem of the chosen benchmarks, responses from a Ray Data generation
-job, grades, per-sample predictions and per-benchmark summaries, logged to MLflow.
+job, grades, the gold solutions' NLL where problems carry one, per-sample predictions and per-benchmark
+summaries, logged to MLflow.
 
 Output folder:
   predictions/<benchmark>.jsonl  one line per sample: id, sample, prompt, response, extracted, gold,
@@ -13,8 +14,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 
+from wmss.data import Record
 from wmss.evaluation.benchmarks import (BENCHMARKS, Problem, default_max_new_tokens, load_benchmark,
                                         problem_record, problems_from_rows)
 from wmss.evaluation.grading import grade
@@ -52,6 +55,72 @@ def summarize(predictions: list[dict], samples: int) -> dict:
     for k in sorted({1, samples}):
         summary[f"pass_at_{k}"] = sum(pass_at_k(len(c), sum(c), k) for c in by_problem.values()) / len(by_problem)
     return summary
+
+
+def gold_nll(model, tokenizer, records: list[Record], *, batch_size: int = 16, max_length: int | None = None,
+             enable_thinking: bool | None = None) -> dict:
+    """{"nll": mean negative log-likelihood (nats/token) of the records' completions under `model`,
+    "nll_tokens": how many tokens it averages over}: the tokens training supervises (`wmss.data` formatting,
+    the end-of-turn token included), every token weighing the same. One forward per `batch_size` records,
+    right-padded; the cross-entropy is float32 from the final hidden states, never a (B, T, V) logits tensor.
+    A record longer than `max_length` is cut from the right, as training cuts it."""
+    import torch
+
+    from wmss.data import tokenize_records
+    from wmss.losses import linear_cross_entropy, predicting_rows
+    from wmss.models import final_hidden, output_weight
+    from wmss.plan import collate
+
+    rows, _ = tokenize_records(records, tokenizer, max_length, enable_thinking=enable_thinking)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    weight = output_weight(model).float()
+    total, n_tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            ids, mask, labels = (t.to(weight.device) for t in collate(rows[start:start + batch_size], pad_id))
+            rows_mask, targets = predicting_rows(labels)
+            hidden = final_hidden(model, ids, mask)[rows_mask].float()
+            # reduction "none": the chunked float32 path on every device (the fused CUDA kernel may use TF32)
+            total += linear_cross_entropy(hidden, weight, targets, reduction="none").double().sum().item()
+            n_tokens += targets.numel()
+    return {"nll": total / n_tokens, "nll_tokens": n_tokens}
+
+
+def _gold_records(problems: dict[str, list[Problem]],
+                  extra_benchmarks: dict[str, list[dict]] | None) -> dict[str, list[Record]]:
+    """Per benchmark with gold worked solutions, the chat records of its problems with the solution as the
+    assistant turn. Only extra benchmarks' rows keep one (a non-empty "solution" string; problem i is row i,
+    as `problems_from_rows` keeps the order); a named benchmark's Problem holds just the final answer."""
+    records = {}
+    for name, rows in (extra_benchmarks or {}).items():
+        solved = [replace(problem_record(name, problem), completion=row["solution"])
+                  for problem, row in zip(problems[name], rows)
+                  if isinstance(row.get("solution"), str) and row["solution"].strip()]
+        if solved:
+            records[name] = solved
+    return records
+
+
+def _benchmark_nll(model_dir, tokenizer, records: dict[str, list[Record]], *, max_length: int,
+                   enable_thinking: bool | None, localizer) -> dict[str, dict]:
+    """`gold_nll` per benchmark of `records`, with the evaluated model loaded once in float32 in this
+    process (on CUDA when there is one, its memory handed back after); no model is loaded without records."""
+    if not records:
+        return {}
+    import torch
+
+    from wmss.models import load_causal_lm
+    from wmss.storage import localize
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_causal_lm(localize(localizer, model_dir), device=device).eval()
+    try:
+        return {name: gold_nll(model, tokenizer, bench_records, max_length=max_length,
+                               enable_thinking=enable_thinking) for name, bench_records in records.items()}
+    finally:
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -119,6 +188,12 @@ def evaluate(model_dir, benchmarks: list[str], out_dir, *, data_dir=None, limit=
     predictions and summary.json to `out_dir`, log the metrics to MLflow, and return the summary per
     benchmark (see `summarize`).
 
+    Benchmarks whose problems carry a gold worked solution (extra rows with a "solution", such as the demo's
+    held-out split; the named benchmarks keep only final answers) also get `nll` and `nll_tokens`: the
+    per-token negative log-likelihood of the solutions as the assistant turn of the evaluation prompt,
+    over the tokens training supervises (`gold_nll`), a finer signal than accuracy for small models. It
+    runs in this process, the model in float32 (on CUDA when there is one), after generation.
+
     Decoding follows the paper: greedy at temperature 0 (top-p 1, seed 42), the benchmark's budget of new
     tokens unless `max_new_tokens` overrides it (capped by the model's context), the chat template with
     the benchmark kind's system prompt; `enable_thinking` switches Qwen3's thinking mode (None: the
@@ -169,6 +244,8 @@ def evaluate(model_dir, benchmarks: list[str], out_dir, *, data_dir=None, limit=
     generated = generate(model_dir, requests, backend=backend, temperature=temperature, stop_ids=stop_ids,
                          max_model_len=max_model_len, localizer=localizer)
 
+    nll = _benchmark_nll(model_dir, tokenizer, _gold_records(problems, extra_benchmarks), max_length=context,
+                         enable_thinking=enable_thinking, localizer=localizer)
     budgets = {r.key: r.max_new_tokens for r in requests}
     summaries = {}
     for name, bench_problems in problems.items():
@@ -185,7 +262,7 @@ def evaluate(model_dir, benchmarks: list[str], out_dir, *, data_dir=None, limit=
                     "extracted": result.extracted, "gold": problem.answer, "correct": result.correct,
                     "truncated": truncated, "response_tokens": len(response_ids)})
         _write_jsonl(out_dir / "predictions" / f"{name}.jsonl", predictions)
-        summaries[name] = summarize(predictions, samples)
+        summaries[name] = {**summarize(predictions, samples), **nll.get(name, {})}
         log.info("%s: %s", name, summaries[name])
 
     settings = {"model": str(model_dir), "backend": backend, "samples": samples, "temperature": temperature,
