@@ -188,8 +188,8 @@ def ray_local():
 # The reduced demo of the workflow-level tests (`wmss run`, `wmss tune`, the object-store run): these keys
 # fix the hashes of every stage before Phase 3, so a test that extends them with Phase-3/eval/baseline keys
 # only (as its own --set) can start from `demo_before_phase3`.
-REDUCED_DEMO = ["demo.n_train=24", "demo.n_eval=4", "demo.pretrain_steps=3", "eval.max_new_tokens=16",
-                "sft.global_batch=8"]
+REDUCED_DEMO = ["demo.n_train=24", "demo.n_eval=4", "demo.pretrain_steps=3", "demo.pretrain_texts=200",
+                "eval.max_new_tokens=16", "sft.global_batch=8", "sft.epochs=1", "jtws.training.epochs=1"]
 BEFORE_PHASE3 = ("demo.data", "demo.base", "sft", "r1.score", "r1.select")
 
 

@@ -121,3 +121,53 @@ def test_empty_input_raises():
         summarize_study({})
     with pytest.raises(ValueError, match="none of the metrics"):
         summarize_study({0: {"sft": {"b": {"bleu": 0.3}}}})
+
+
+# ------------------------------------------------------------------ `wmss study` end to end (reduced demo)
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_study_runs_each_seed_shares_seedless_stages_and_resumes(tmp_path, ray_local):
+    """Two seeds of the reduced demo: Phase 1 and everything after it run once per seed (as seed<s>.<stage>,
+    with different outcomes), the demo's data, base model and base evaluation once for both; study.json,
+    study.md and study.png are written and logged to the parent run; a rerun runs nothing."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REDUCED_DEMO, REPO, manifest_stages
+    from mlflow import MlflowClient
+
+    run_dir = tmp_path / "study"
+    cmd = [sys.executable, "-m", "wmss.cli", "study", "--seeds", "2", "--run-dir", str(run_dir), "--set",
+           *REDUCED_DEMO, "baselines.methods=[sft]", "eval.methods=[base,wmss]", "demo.n_eval=8",
+           f"ray.address={ray_local.get_runtime_context().gcs_address}"]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    stages = manifest_stages(run_dir)
+    per_seed = ["sft", "r1.score", "r1.select", "r1.jtws", "baseline.sft", "eval.wmss", "eval.sft"]
+    assert set(stages) == {"demo.data", "demo.base", "eval.base", *(f"seed{s}.{n}" for s in (0, 1) for n in per_seed)}
+    assert stages["seed0.sft"]["hash"] != stages["seed1.sft"]["hash"]
+
+    summary = json.loads((run_dir / "study.json").read_text())
+    assert summary["seeds"] == [0, 1] and list(summary["methods"]) == ["base", "wmss", "sft"]
+    nll = summary["methods"]["wmss"]["synthetic"]["nll"]
+    assert nll["n"] == 2 and nll["values"]["0"] != nll["values"]["1"]  # the seed reaches training
+    base = summary["methods"]["base"]["synthetic"]["nll"]["values"]
+    assert base["0"] == base["1"]  # one base model, evaluated once
+    assert summary["methods"]["wmss"]["synthetic"]["accuracy"]["diff"]["n"] == 2
+    assert "Δ vs sft" in (run_dir / "study.md").read_text()
+    assert (run_dir / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    parent = json.loads((run_dir / "manifest.json").read_text())["mlflow_parent_run_id"]
+    logged = {a.path for a in client.list_artifacts(parent)} | {a.path for a in client.list_artifacts(parent, "plots")}
+    assert {"study.json", "study.md", "plots/study.png"} <= logged
+    assert client.get_run(parent).info.status == "FINISHED"
+
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert ": running" not in again.stdout, again.stdout  # every stage kept
+    assert manifest_stages(run_dir) == stages

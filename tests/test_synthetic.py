@@ -6,12 +6,11 @@ import re
 
 import pytest
 
-from wmss.synthetic import SYSTEM_PROMPT, corpus_lines, make_problems, make_splits, training_rows
+from wmss.synthetic import SYSTEM_PROMPT, corpus_lines, make_problems, make_splits, pretraining_texts, training_rows
 
 # question phrasing -> operation, written independently of the generator's tables
-_QUESTION_OPS = [(r"(?:buys|finds|gives \w+) (\d+) more", "+"), (r"(?:gives away|loses|sells) (\d+)", "-"),
-                 (r"(\d+) times as many|grows (\d+)-fold", "*"), (r"into (\d+) equal groups", "/")]
-_STEP = re.compile(r"^After [^:]+: (\d+) ([-+*/]) (\d+) = (\d+)\.$")
+_QUESTION_OPS = [(r"(?:buys|finds|gives \w+) (\d+) more", "+"), (r"(?:gives away|loses|sells) (\d+)", "-")]
+_STEP = re.compile(r"^(\d+) ([-+]) (\d+) = (\d+)\.$")
 
 
 def _answer_from_question(question: str) -> int:
@@ -22,10 +21,9 @@ def _answer_from_question(question: str) -> int:
         [(operand, op)] = [(next(g for g in m.groups() if g), op) for pattern, op in _QUESTION_OPS
                            if (m := re.search(pattern, sentence))]
         k = int(operand)
-        if op == "/":
-            assert value % k == 0, question
-        value = {"+": value + k, "-": value - k, "*": value * k, "/": value // k}[op]
-        assert 1 <= value <= 999, question
+        assert 1 <= k <= 5, question
+        value = value + k if op == "+" else value - k
+        assert 1 <= value <= 12, question
     assert sentences[-1].startswith("How many"), question
     return value
 
@@ -47,14 +45,15 @@ def test_every_solution_ends_with_the_boxed_answer_and_the_answer_is_right():
         assert p["solution"].endswith(f"\\boxed{{{answer}}}")
         lines = p["solution"].split("\n")
         steps = [m for line in lines if (m := _STEP.match(line))]
-        assert 2 <= len(steps) <= 4
-        value = int(re.search(r"starts with (\d+)", lines[0]).group(1))
+        assert 2 <= len(steps) <= 3 and len(lines) == len(steps) + 1
+        value = int(re.match(r"\w+ has (\d+) ", p["question"]).group(1))
+        assert 2 <= value <= 9
         for a, op, k, result in (m.groups() for m in steps):  # every worked step is correct and chained
             assert int(a) == value
-            value = {"+": value + int(k), "-": value - int(k), "*": value * int(k), "/": value // int(k)}[op]
-            assert int(result) == value and (op != "/" or int(a) % int(k) == 0)
+            value = value + int(k) if op == "+" else value - int(k)
+            assert int(result) == value
         assert value == answer
-    assert {op for p in problems for op in re.findall(r" ([-+*/]) \d+ =", p["solution"])} == set("+-*/")
+    assert {op for p in problems for op in re.findall(r" ([-+]) \d+ =", p["solution"])} == set("+-")
 
 
 def test_step_counts_follow_the_arguments():
@@ -93,7 +92,23 @@ def test_corpus_is_deterministic_single_line_and_does_not_replay_the_splits():
     lines = corpus_lines(2000, seed=0)
     assert lines == corpus_lines(2000, seed=0) and lines != corpus_lines(2000, seed=1)
     assert len(lines) == 2000 and all(line and "\n" not in line for line in lines)
-    assert sum("\\boxed{" in line for line in lines) == 1000  # half problems, half arithmetic prose
+    assert lines[0] == SYSTEM_PROMPT
+    assert sum("\\boxed{" in line for line in lines[1:]) == 1000  # half problems, half one-line sums
     train, held_out = make_splits(200, 200, seed=0)
     text = "\n".join(lines)
     assert not [p for p in train + held_out if p["question"] in text]
+
+
+def test_pretraining_texts_mix_chat_transcripts_and_facts_in_the_task_range():
+    texts = pretraining_texts(1000, seed=1, chat=lambda messages: "|".join(m["content"] for m in messages))
+    assert texts == pretraining_texts(1000, seed=1, chat=lambda messages: "|".join(m["content"] for m in messages))
+    chats, facts = texts[:300], texts[300:]
+    assert len(texts) == 1000 and all(t.startswith(SYSTEM_PROMPT + "|") for t in chats)
+    for fact in facts:
+        a, op, k, result = re.fullmatch(r"(\d+) ([-+]) (\d+) = (\d+)\.", fact).groups()
+        assert int(result) == (int(a) + int(k) if op == "+" else int(a) - int(k))
+        assert all(1 <= int(v) <= 12 for v in (a, k, result))
+    train, held_out = make_splits(200, 200, seed=0)
+    assert not [p for p in train + held_out if p["question"] in "\n".join(chats)]  # a stream of its own
+    with pytest.raises(ValueError, match="chat_share"):
+        pretraining_texts(10, seed=0, chat=str, chat_share=1.5)

@@ -39,6 +39,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
               "reset a stage and everything downstream of it in a run directory, so the next run re-runs them"),
     "tune": ("workflows.tune", "add_tune_arguments", "run_tune_cli",
              "Ray Tune over lam/alpha/gamma (score once, tune many); writes best-config.yaml"),
+    "study": ("workflows.study", "add_study_arguments", "run_study_cli",
+              "the workflow over N seeds: every method's mean with its 95 percent interval, and paired differences vs SFT"),
     "compare": ("wmss.compare", "add_compare_arguments", "run_compare",
                 "workflow runs side by side from MLflow: methods x benchmarks with deltas vs SFT, the compare view"),
 }

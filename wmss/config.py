@@ -160,12 +160,17 @@ class DemoConfig(_Strict):
     """The embedded offline demo: a synthetic arithmetic task and a tiny base model pre-trained briefly on
     generated text, used wherever the config says `demo` for the data or the base model."""
 
-    n_train: int = Field(192, ge=4)
-    n_eval: int = Field(48, ge=1)
+    n_train: int = Field(300, ge=4)
+    n_eval: int = Field(400, ge=1)
+    n_train_eval: int = Field(100, ge=0, description="the first training problems, also evaluated (benchmark "
+                                                   "`synthetic-train`): how far training saturated them")
     seed: int = 0
     layers: int = Field(2, ge=1)
     hidden: int = Field(128, ge=64)
-    pretrain_steps: int = Field(150, ge=0)
+    vocab: int = Field(1024, ge=260, description="embedding rows (the task's tokenizer learns ~480 tokens)")
+    pretrain_texts: int = Field(4000, ge=1, description="pre-training texts: 30 % chat transcripts, 70 % facts")
+    pretrain_steps: int = Field(200, ge=0)
+    pretrain_batch: int = Field(32, ge=1)
     pretrain_lr: float = Field(3e-3, gt=0)
 
 
@@ -233,12 +238,12 @@ EVAL_METHODS = ("base", "strong", "wmss", *get_args(Baseline))
 
 
 class BaselinesConfig(_Strict):
-    """Equal-budget baselines, each one more epoch from the Phase-1 strong model: `sft` (plain), `neftune`,
-    `undial`, the ablations `ceda-only` (SFT on round 1's active set) and `jtws-only` (joint training on
-    all the data), and the controls, each JTWS's budget: `uniform-weak` (JTWS on round 1's active set with
-    the weak logits replaced by zeros: the strong model alone at temperature 1/lam), `random-weak` (JTWS
-    on it with a randomly initialised weak model of the same shape) and `label-smoothing` (SFT with label
-    smoothing eps)."""
+    """Equal-budget baselines, each trained from the Phase-1 strong model with JTWS's training settings
+    (`jtws.training`: epochs, lr, batch): `sft` (plain), `neftune`, `undial`, the ablations `ceda-only`
+    (SFT on round 1's active set) and `jtws-only` (joint training on all the data), and the controls:
+    `uniform-weak` (JTWS on round 1's active set with the weak logits replaced by zeros: the strong model
+    alone at temperature 1/lam), `random-weak` (JTWS on it with a randomly initialised weak model of the
+    same shape) and `label-smoothing` (SFT with label smoothing eps)."""
 
     methods: list[Baseline] = ["sft"]
     neftune_alpha: float = Field(5.0, gt=0)
@@ -345,7 +350,9 @@ class WMSSConfig(_Strict):
 
     name: str = "wmss"
     run_dir: str | None = Field(None, description="default: runs/<name>")
-    seed: int = 0
+    seed: int = Field(0, description="the run's seed, added to every stage's own seed (training data order and "
+                                     "noise, the CEDA draw): `wmss study` varies it; the demo's data and base "
+                                     "model do not depend on it")
     rounds: int = Field(1, ge=1, description="WMSS rounds; in round k+1 the weak model is round k's input strong")
     max_length: int = Field(4096, ge=2, description="token cap for scoring and every training stage")
     models: ModelsConfig = ModelsConfig()

@@ -392,19 +392,24 @@ def weight_histogram(weights) -> Figure:
     return fig
 
 
-def format_results(results: dict) -> str:
-    """methods x benchmarks accuracy table, with the delta of each method vs SFT where SFT was run."""
+def format_results(results: dict, nll: dict | None = None) -> str:
+    """methods x benchmarks accuracy table, with the delta of each method vs SFT where SFT was run; with
+    `nll` ({method: {benchmark: nats/token}}, the gold solutions' per-token NLL), a column of it per
+    benchmark that has one, with its delta vs SFT too."""
     benches = sorted({b for r in results.values() for b in r})
+    columns = [(b, b, results, 14, lambda v: f"{100 * v:.1f}", lambda d: f"{100 * d:+.1f}") for b in benches]
+    nll = nll or {}
+    columns += [(f"{b} nll", b, nll, 16, lambda v: f"{v:.3f}", lambda d: f"{d:+.3f}")
+                for b in sorted({b for r in nll.values() for b in r})]
     width = max([10, *(len(m) + 2 for m in results)])
-    head = f"{'method':<{width}}" + "".join(f"{b:>14}" for b in benches)
+    head = f"{'method':<{width}}" + "".join(f"{title:>{w}}" for title, _, _, w, *_ in columns)
     lines = [head, "-" * len(head)]
-    for method, accs in results.items():
+    for method in results:
         cells = []
-        for b in benches:
-            acc = accs.get(b)
-            ref = results.get("sft", {}).get(b)
-            delta = f" ({100 * (acc - ref):+.1f})" if acc is not None and ref is not None and method != "sft" else ""
-            cells.append(f"{'-' if acc is None else f'{100 * acc:.1f}'}{delta}".rjust(14))
+        for _, bench, table, w, show, show_delta in columns:
+            value, ref = table.get(method, {}).get(bench), table.get("sft", {}).get(bench)
+            delta = f" ({show_delta(value - ref)})" if value is not None and ref is not None and method != "sft" else ""
+            cells.append(f"{'-' if value is None else show(value)}{delta}".rjust(w))
         lines.append(f"{method:<{width}}" + "".join(cells))
     return "\n".join(lines)
 

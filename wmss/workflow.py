@@ -186,8 +186,9 @@ def _content_sha256(path: Path) -> str:
 
 def train_options(cfg: WMSSConfig, section, **extra):
     """A training section (`cfg.sft`, `cfg.jtws.training`) as a stage trains with it: `max_length` falls back
-    to the run's, and `extra` (e.g. a baseline's noise) overrides."""
-    return section.model_copy(update={"max_length": section.max_length or cfg.max_length, **extra})
+    to the run's, the seed is offset by the run's `seed`, and `extra` (e.g. a baseline's noise) overrides."""
+    return section.model_copy(update={"max_length": section.max_length or cfg.max_length,
+                                      "seed": section.seed + cfg.seed, **extra})
 
 
 class _StageOutput(io.TextIOBase):
