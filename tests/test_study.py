@@ -127,29 +127,33 @@ def test_empty_input_raises():
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_study_runs_each_seed_shares_seedless_stages_and_resumes(tmp_path, ray_local):
-    """Two seeds of the reduced demo: Phase 1 and everything after it run once per seed (as seed<s>.<stage>,
-    with different outcomes), the demo's data, base model and base evaluation once for both; study.json,
-    study.md and study.png are written and logged to the parent run; a rerun runs nothing."""
+def test_study_runs_each_seed_shares_seedless_stages_and_resumes(tmp_path, ray_local, demo_before_phase3):
+    """Two seeds of the reduced demo, in a copy of the shared `wmss run` directory: seed 0 (the config's) is
+    that run, continued under its own stage names; seed 1 runs Phase 1 and everything after it as
+    seed1.<stage>, with a different outcome; the demo's data, base model and base evaluation serve both;
+    study.json, study.md and study.png are written and logged to the parent run; a rerun runs nothing."""
     import os
     import subprocess
     import sys
 
-    from conftest import REDUCED_DEMO, REPO, manifest_stages
+    from conftest import REDUCED_DEMO, REPO, manifest_stages, seed_run
     from mlflow import MlflowClient
 
     run_dir = tmp_path / "study"
+    seed_run(demo_before_phase3, run_dir, mlflow_db=run_dir / "mlflow.db")
     cmd = [sys.executable, "-m", "wmss.cli", "study", "--seeds", "2", "--run-dir", str(run_dir), "--set",
-           *REDUCED_DEMO, "baselines.methods=[sft]", "eval.methods=[base,wmss]", "demo.n_eval=8",
+           *REDUCED_DEMO, "baselines.methods=[sft]", "eval.methods=[base,wmss]",
            f"ray.address={ray_local.get_runtime_context().gcs_address}"]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for stage in ("demo.data", "demo.base", "sft", "r1.score", "r1.select"):  # seed 0 continues the run
+        assert f"[wmss] {stage}: finished earlier, skipped" in done.stdout
 
     stages = manifest_stages(run_dir)
     per_seed = ["sft", "r1.score", "r1.select", "r1.jtws", "baseline.sft", "eval.wmss", "eval.sft"]
-    assert set(stages) == {"demo.data", "demo.base", "eval.base", *(f"seed{s}.{n}" for s in (0, 1) for n in per_seed)}
-    assert stages["seed0.sft"]["hash"] != stages["seed1.sft"]["hash"]
+    assert set(stages) == {"demo.data", "demo.base", "eval.base", *per_seed, *(f"seed1.{n}" for n in per_seed)}
+    assert stages["sft"]["hash"] != stages["seed1.sft"]["hash"]
 
     summary = json.loads((run_dir / "study.json").read_text())
     assert summary["seeds"] == [0, 1] and list(summary["methods"]) == ["base", "wmss", "sft"]

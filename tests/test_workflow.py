@@ -69,7 +69,7 @@ def finished_run(tmp_path_factory, ray_local, demo_before_phase3):
             "resumed": resumed, "resume_s": time.time() - t0}
 
 
-def test_killed_during_phase3_resumes_and_finishes(finished_run):
+def test_killed_during_phase3_resumes_and_finishes(finished_run, demo_before_phase3):
     before = finished_run["before"]
     assert before["sft"]["status"] == "done" and before["r1.jtws"]["status"] == "running"
     out = finished_run["resumed"].stdout + finished_run["resumed"].stderr
@@ -81,8 +81,12 @@ def test_killed_during_phase3_resumes_and_finishes(finished_run):
     run_dir = finished_run["run_dir"]
     results = json.loads((run_dir / "results.json").read_text())
     assert set(results) == {"base", "strong", "wmss", "sft"}
+    assert all(set(r) == {"synthetic", "synthetic-train"} for r in results.values())  # held out, and seen in training
     assert all(0.0 <= acc <= 1.0 for r in results.values() for acc in r.values())
-    assert "method" in out and "synthetic" in out  # the printed table
+    assert "method" in out and "synthetic nll" in out  # the printed table, with the gold solutions' NLL
+    assert "synthetic nll" in (run_dir / "results.txt").read_text()
+    # the score stage (run by the shared run) says whether the run is in the method's regime
+    assert "[wmss] r1.score: H_strong < H_weak on " in (demo_before_phase3.parent / "driver.log").read_text()
     stages = _stages(run_dir)
     assert all(s["status"] == "done" and s["wall_s"] > 0 for s in stages.values())
 
@@ -124,7 +128,7 @@ def test_config_change_reruns_the_stage_and_everything_after_it(finished_run):
     changed = subprocess.run(cmd, env=finished_run["env"], capture_output=True, text=True, timeout=900)
     out = changed.stdout + changed.stderr
     assert changed.returncode == 0, out[-3000:]
-    assert "[wmss] r1.select: re-running because ceda.seed: 0 -> 1" in out
+    assert "[wmss] r1.select: re-running because ceda.seed: 42 -> 1" in out
     for stage in ("r1.jtws", "eval.wmss"):
         assert f"[wmss] {stage}: re-running because" in out
     for stage in ("sft", "r1.score", "baseline.sft", "eval.sft", "eval.strong"):

@@ -1,9 +1,11 @@
 """`wmss study`: the WMSS run over several seeds in one run directory, summarised with confidence intervals.
 
-Seed s runs every stage that depends on the run's `seed` (Phase 1's data order, the CEDA draw, Phase 3,
-the baselines and their noise, their evaluations) as `seed<s>.<stage>`; the stages that do not (the demo's
-data and base model, the base model's evaluation) run once for all seeds. Everything lives in one manifest
-and under one MLflow parent run, so a study resumes like `wmss run`. The statistics are wmss.study's.
+The config's own seed is the run `wmss run` does, with the same stage names, so a study can extend a
+finished run directory. Each further seed s runs every stage that depends on the run's `seed` (Phase 1's
+data order, the CEDA draw, Phase 3, the baselines and their noise, their evaluations) as
+`seed<s>.<stage>`; the stages that do not (the demo's data and base model, the base model's evaluation) run
+once for all seeds. Everything lives in one manifest and under one MLflow parent run, so a study resumes
+like `wmss run`. The statistics are wmss.study's.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def run_study(cfg: WMSSConfig, run_dir: str | os.PathLike, seeds: list[int]) -> 
     try:
         per_seed = {}
         for seed in seeds:
-            per_seed[seed] = run_stages(cfg.model_copy(update={"seed": seed}), wf, prefix=f"seed{seed}.")
+            prefix = "" if seed == cfg.seed else f"seed{seed}."
+            per_seed[seed] = run_stages(cfg.model_copy(update={"seed": seed}), wf, prefix=prefix)
             table = format_results(metric_table(per_seed[seed]), metric_table(per_seed[seed], "nll"))
             print(f"[wmss] seed {seed}:\n{table}", flush=True)
         summary = summarize_study(per_seed, reference="sft", metrics=METRICS)

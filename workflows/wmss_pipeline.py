@@ -238,10 +238,9 @@ def run_stages(cfg: WMSSConfig, wf: Workflow, prefix: str = "") -> dict[str, dic
     # Phases 2 and 3, K rounds: in round k+1 the weak model is round k's input strong model
     round_weak, round_strong = weak, strong
     chosen_rounds = []
-    ceda_seed = cfg.ceda.seed + cfg.seed
     for k in range(1, cfg.rounds + 1):
         scores = score_stage(cfg, wf, k, data, round_weak, round_strong, prefix)
-        chosen = wf.stage(f"{prefix}r{k}.select", {"ceda": cfg.ceda.model_dump(), "seed": ceda_seed}, {"scores": scores},
+        chosen = wf.stage(f"{prefix}r{k}.select", {"ceda": cfg.ceda.model_dump(), "run_seed": cfg.seed}, {"scores": scores},
                           lambda s: _select(cfg, scores, s)).artifact("active")
         trained = wf.stage(f"{prefix}r{k}.jtws", {"jtws": train_options(cfg, cfg.jtws.training).model_dump(),
                                                    "mix": cfg.jtws.model_dump(exclude={"training"}),
