@@ -251,6 +251,11 @@ def _sample_count(cfg: WMSSConfig, a: Assumptions) -> int | None:
     if a.samples is not None:
         return a.samples
     train = cfg.data.train
+    sources = cfg.data.sources()
+    if sources is not None:  # a selection: its caps (a mix's upper bound), or the paper's known count
+        if all(s.max_samples for s in sources):
+            return sum(s.max_samples for s in sources)
+        return PAPER_SAMPLES if all(s.path == PAPER_DATASET and not s.max_samples for s in sources) else None
     if train == DEMO:
         return cfg.demo.n_train
     if train == PAPER_DATASET:

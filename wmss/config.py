@@ -12,11 +12,11 @@ import re
 import reprlib
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, SerializationInfo, ValidationError, field_serializer, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, SerializationInfo, Tag, ValidationError,
+                      field_serializer, field_validator, model_validator)
 
 from wmss.errors import ConfigError
 
@@ -180,9 +180,93 @@ class ModelsConfig(_Strict):
     weak: str | None = Field(None, description="the weak model (default: the base model)")
 
 
+class FilterSpec(_Strict):
+    """One condition on a record's `field` (a dotted path; integers index lists, -1 the last item:
+    `messages.-1.content`). Exactly one test: `equals` a value, `one_of` a list, `regex` (re.search on a
+    string), `min` and/or `max` (inclusive, on a number), or `boxed_equals` (the last \\boxed{} answer in the
+    field is mathematically equal, by math-verify, to the value at that other path of the same record)."""
+
+    field: str = Field(min_length=1)
+    equals: str | int | float | bool | None = None
+    one_of: list[str | int | float | bool] | None = None
+    regex: str | None = None
+    min: float | None = None
+    max: float | None = None
+    boxed_equals: str | None = Field(None, min_length=1, description="dotted path of the reference answer")
+    on_missing: Literal["error", "drop"] = Field(
+        "error", description="a record without the field (or the reference): stop with an error, or drop it")
+
+    @model_validator(mode="after")
+    def _one_test(self):
+        tests = [name for name in ("equals", "one_of", "regex", "boxed_equals") if getattr(self, name) is not None]
+        tests += ["min/max"] if self.min is not None or self.max is not None else []
+        if len(tests) != 1:
+            raise ValueError(f"the filter on {self.field!r} needs exactly one test (equals, one_of, regex, min/max "
+                             f"or boxed_equals); it has {', '.join(tests) or 'none'}")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as err:
+                raise ValueError(f"`regex` {self.regex!r} is not a valid regular expression: {err}") from None
+        return self
+
+
+class SourceSpec(_Strict):
+    """One source of training records for the `data.select` stage (wmss.datasource)."""
+
+    path: str = Field(min_length=1, description="a .jsonl/.json/.parquet file, a dataset folder, or a hub id")
+    subset: str | None = Field(None, description="the dataset's config name (HF `name`)")
+    split: str = "train"
+    revision: str | None = Field(None, description="hub sources: the commit, tag or branch to read")
+    filter: list[FilterSpec] = Field(default_factory=list, description="conditions a record must all meet")
+    max_samples: int | None = Field(None, ge=1, description="keep the first N records that pass the filter")
+    weight: float | None = Field(None, gt=0, description="in a mix: this source's share of the mixed set")
+
+    @field_validator("filter", mode="before")
+    @classmethod
+    def _one_filter_is_a_list(cls, value):
+        return [value] if isinstance(value, dict) else value
+
+
+def _train_kind(value: Any) -> str:
+    return "path" if isinstance(value, str) else "mix" if isinstance(value, list) else "source"
+
+
+TrainData = Annotated[Union[Annotated[str, Tag("path")], Annotated[SourceSpec, Tag("source")],
+                            Annotated[list[SourceSpec], Tag("mix")]], Discriminator(_train_kind)]
+
+
 class DataConfig(_Strict):
-    train: str = Field("demo", description="training records (.jsonl/.json/.parquet, HF dataset dir or id), or `demo`")
+    train: TrainData = Field("demo", description="training records (.jsonl/.json/.parquet, HF dataset dir or id), "
+                                                 "`demo`, or a source spec or a list of them (see `sources`)")
     on_bad_record: Literal["error", "skip"] = "error"
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _errors_name_the_key(cls, data, handler):
+        """Error locations without the union's tag (`train.spilt`, not `train.source.spilt`)."""
+        try:
+            return handler(data)
+        except ValidationError as err:
+            errors = [{**{k: e[k] for k in ("type", "input", "ctx") if k in e},
+                       "loc": e["loc"][:1] + e["loc"][2:] if e["loc"][1:2] in (("source",), ("mix",)) else e["loc"]}
+                      for e in err.errors()]
+            raise ValidationError.from_exception_data(err.title, errors) from None
+
+    @model_validator(mode="after")
+    def _weights_all_or_none(self):
+        weighted = [s.weight is not None for s in self.sources() or []]
+        if any(weighted) and not (all(weighted) and len(weighted) > 1):
+            raise ValueError("`train`: a source's weight applies in a mix (a list of two or more sources), and then "
+                             "every source needs one; leave them out to take every selected record of each source")
+        return self
+
+    def sources(self) -> list[SourceSpec] | None:
+        """The sources of a selection (a single spec as a list of one); None when `train` is a plain string
+        (a file, folder, hub id or `demo`, read as it is)."""
+        if isinstance(self.train, str):
+            return None
+        return [self.train] if isinstance(self.train, SourceSpec) else self.train
 
 
 class ActorsConfig(_Strict):

@@ -408,7 +408,8 @@ def _open(cfg: WMSSConfig, store: RunStore, manifest: Manifest) -> Workflow:
     tracker = Tracker(resolve_tracking_uri(cfg.mlflow.tracking_uri, store.local), cfg.mlflow.experiment, cfg.name,
                       parent_run_id=manifest.data.get("mlflow_parent_run_id"),
                       tags={"wmss.git_sha": git_sha() or "unknown", "wmss.run_dir": str(store),
-                            "wmss.data_hash": data_src if data_src == "demo" else fingerprint(data_src)})
+                            "wmss.data_hash": data_src if data_src == "demo" else fingerprint(data_src)
+                            if isinstance(data_src, str) else _digest(public_config(cfg)["data"]["train"])})
     manifest.data["mlflow_parent_run_id"] = tracker.parent_run_id
     manifest.save()
     if not manifest.data.get("params_logged"):

@@ -196,8 +196,16 @@ def shared_inputs(cfg: WMSSConfig, wf: Workflow, prefix: str = "") -> dict[str, 
         problem_sets = {"synthetic": heldout}
         if cfg.demo.n_train_eval:
             problem_sets["synthetic-train"] = demo_data.artifact("train_eval")
-    else:
+    elif isinstance(cfg.data.train, str):
         data = Artifact.external(cfg.data.train)
+    else:  # a source spec or a mix: its own stage writes the selected records (wmss.datasource)
+        from wmss.datasource import select_records, source_inputs
+
+        sources = cfg.data.sources()
+        data = wf.stage("data.select", {"sources": [s.model_dump() for s in sources],
+                                        "on_bad_record": cfg.data.on_bad_record}, source_inputs(sources),
+                        lambda s: select_records(sources, s.dir / "train.parquet",
+                                                 on_bad_record=cfg.data.on_bad_record)).artifact("train")
     if cfg.models.base == DEMO:
         base = wf.stage("demo.base", cfg.demo.model_dump(), {}, lambda s: _demo_base(cfg, s)).artifact("model")
     else:
