@@ -50,7 +50,8 @@ def test_paper_configs_have_the_papers_8_gpu_settings(name):
     assert config.scoring.gpus_per_actor == 1
     assert config.eval.backend == "vllm"
     assert config.eval.benchmarks == ["gsm8k", "svamp", "mawps", "aqua", "aime2025", "amc23", "math500"]
-    assert config.data.train.startswith("a-m-team/AM-DeepSeek-R1-Distilled")
+    # the paper's math subset of the hub dataset, selected by stage data.select (tests/test_datasource.py)
+    assert {s.path for s in config.data.sources()} == {"a-m-team/AM-DeepSeek-R1-Distilled-1.4M"}
 
 
 def test_smollm2_config_is_a_small_cpu_run_on_project_data():

@@ -397,9 +397,10 @@ def format_results(results: dict, nll: dict | None = None) -> str:
     `nll` ({method: {benchmark: nats/token}}, the gold solutions' per-token NLL), a column of it per
     benchmark that has one, with its delta vs SFT too."""
     benches = sorted({b for r in results.values() for b in r})
-    columns = [(b, b, results, 14, lambda v: f"{100 * v:.1f}", lambda d: f"{100 * d:+.1f}") for b in benches]
+    columns = [(b, b, results, max(14, len(b) + 2), lambda v: f"{100 * v:.1f}", lambda d: f"{100 * d:+.1f}")
+               for b in benches]
     nll = nll or {}
-    columns += [(f"{b} nll", b, nll, 16, lambda v: f"{v:.3f}", lambda d: f"{d:+.3f}")
+    columns += [(f"{b} nll", b, nll, max(16, len(b) + 6), lambda v: f"{v:.3f}", lambda d: f"{d:+.3f}")
                 for b in sorted({b for r in nll.values() for b in r})]
     width = max([10, *(len(m) + 2 for m in results)])
     head = f"{'method':<{width}}" + "".join(f"{title:>{w}}" for title, _, _, w, *_ in columns)
