@@ -167,4 +167,4 @@ def test_tune_scores_once_logs_every_trial_and_resumes_after_a_kill(tmp_path, ra
     changed = _tune(run_dir, tmp_path / "changed.log", address, "tune.val_every=3", "ceda.seed=5")
     assert changed.wait(timeout=300) == 2, (tmp_path / "changed.log").read_text()[-4000:]
     refusal = (tmp_path / "changed.log").read_text()
-    assert "ceda.seed: 0 -> 5; tune.val_every: 2 -> 3" in refusal and f"delete {experiment}" in refusal
+    assert "ceda.seed: 42 -> 5; tune.val_every: 2 -> 3" in refusal and f"delete {experiment}" in refusal
